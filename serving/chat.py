@@ -39,7 +39,10 @@ class ChatOutput:
         out: list[dict] = []
         if self.stopped_by_string:
             return out
-        for d in self.parser.feed(token):
+        deltas = self.parser.feed(token)
+        if token >= harmony.FIRST_SPECIAL_ID:  # a control token is never text, even where the parser calls it content
+            deltas = []
+        for d in deltas:
             if d.recipient and d.recipient != "assistant":
                 out.append(self._tool_call_delta(d.recipient, d.text))
             elif d.channel == "final":

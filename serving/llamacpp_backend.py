@@ -19,6 +19,8 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
+
 from gptoss import harmony
 from serving.backends import Backend, BackendConfig, BackendError, Generated, SamplingParams, ServeError, register_backend
 
@@ -31,6 +33,15 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM llama-server when our process dies, even by SIGKILL (no orphaned engines)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def server_command(config: BackendConfig, binary: Path, port: int) -> list[str]:
@@ -75,7 +86,8 @@ class LlamaCppBackend(Backend):
         self._log_file = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
         cmd = server_command(self.config, binary, self.port)
         log.info("starting %s (log: %s)", " ".join(cmd), self._log_file.name)
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     preexec_fn=_die_with_parent)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
         self._client = httpx.AsyncClient(base_url=self.base_url, timeout=httpx.Timeout(None, connect=10.0), limits=limits)
         while True:
@@ -137,38 +149,42 @@ class LlamaCppBackend(Backend):
         # anything else the caller wants to stop at is left to the caller (it closes the stream).
         seen = 0
         try:
-            async with self._client.stream("POST", "/completion", json=body) as resp:
-                if resp.status_code != 200:
-                    text = (await resp.aread()).decode(errors="replace")
-                    raise BackendError(f"llama-server answered {resp.status_code}: {text[:500]}")
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: "):
-                        if line.startswith("error:"):
-                            raise BackendError(f"llama-server: {line[6:].strip()[:500]}")
-                        continue
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        raise BackendError(f"llama-server: {chunk['error']}")
-                    tokens = [int(t) for t in chunk.get("tokens") or []]
-                    n_pred = chunk.get("tokens_predicted")
-                    if tokens and isinstance(n_pred, int) and n_pred > seen + len(tokens):
-                        tokens = _recover_skipped(chunk.get("content") or "", tokens)
-                    if isinstance(n_pred, int):
-                        seen = max(seen, n_pred)
-                    else:
-                        seen += len(tokens)
-                    if chunk.get("stop"):
-                        stop_type = chunk.get("stop_type")
-                        yield Generated(
-                            tokens=tokens, done=True,
-                            reason="length" if stop_type == "limit" or chunk.get("truncated") else "stop",
-                            prompt_text=chunk.get("prompt"), n_generated=chunk.get("tokens_predicted"),
-                        )
-                        return
-                    if tokens:
-                        yield Generated(tokens=tokens)
+            resp = await self._client.send(self._client.build_request("POST", "/completion", json=body), stream=True)
         except httpx.HTTPError as e:
             raise BackendError(f"llama-server connection failed: {e!r}") from e
+        try:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode(errors="replace")
+                raise BackendError(f"llama-server answered {resp.status_code}: {text[:500]}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: "):
+                    if line.startswith("error:"):
+                        raise BackendError(f"llama-server: {line[6:].strip()[:500]}")
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise BackendError(f"llama-server: {chunk['error']}")
+                tokens = [int(t) for t in chunk.get("tokens") or []]
+                n_pred = chunk.get("tokens_predicted")
+                if tokens and isinstance(n_pred, int) and n_pred > seen + len(tokens):
+                    tokens = _recover_skipped(chunk.get("content") or "", tokens)
+                seen = n_pred if isinstance(n_pred, int) else seen + len(tokens)
+                if chunk.get("stop"):
+                    stop_type = chunk.get("stop_type")
+                    yield Generated(
+                        tokens=tokens, done=True,
+                        reason="length" if stop_type == "limit" or chunk.get("truncated") else "stop",
+                        prompt_text=chunk.get("prompt"), n_generated=chunk.get("tokens_predicted"),
+                    )
+                    return
+                if tokens:
+                    yield Generated(tokens=tokens)
+        except httpx.HTTPError as e:
+            raise BackendError(f"llama-server connection failed: {e!r}") from e
+        finally:
+            # Closing an unfinished response drops the connection: llama-server cancels the task, frees the slot.
+            with anyio.CancelScope(shield=True):
+                await resp.aclose()
         raise BackendError("llama-server closed the stream before its final chunk")
 
 

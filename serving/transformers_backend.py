@@ -10,11 +10,12 @@ only when this backend starts, so the llama.cpp image does not need them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+
+import anyio
 
 from serving.backends import Backend, BackendConfig, BackendError, Generated, SamplingParams, ServeError, register_backend
 
@@ -179,5 +180,5 @@ class TransformersBackend(Backend):
                             prompt_text=harmony.encoding().decode_utf8(input_ids[0].tolist()), n_generated=len(produced))
         finally:
             cancelled.set()  # client gone or done: stop the generation thread at its next step
-            with contextlib.suppress(Exception):
-                await asyncio.shield(asyncio.to_thread(thread.join))
+            with anyio.CancelScope(shield=True):  # hold the slot until the thread has really stopped
+                await asyncio.to_thread(thread.join)

@@ -143,9 +143,79 @@ def convert_to_gguf(model_dir: str | Path, gguf_path: str | Path) -> None:
     )
 
 
+def build_harmony_models(base_dir: str | Path, out: Path) -> dict[str, Path]:
+    """adapter/, merged/ and merged-f16.gguf under ``out`` (reused when ``out/.complete`` exists)."""
+    paths = {"adapter": out / "adapter", "merged": out / "merged", "gguf": out / "merged-f16.gguf"}
+    if (out / ".complete").is_file():
+        return paths
+    import shutil
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    train_adapter(base_dir, paths["adapter"])
+    merge_adapter(base_dir, paths["adapter"], paths["merged"])
+    convert_to_gguf(paths["merged"], paths["gguf"])
+    (out / ".complete").write_text("ok\n")
+    return paths
+
+
+def source_key() -> str:
+    """Changes whenever the training recipe or the Harmony rendering changes."""
+    import hashlib
+
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    h.update(Path(harmony.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+class LiveServer:
+    """`python -m gptoss serve ...` as a child process on a free port, healthy before use."""
+
+    def __init__(self, *args: str, log_path: Path, timeout: float = 300.0):
+        import os
+        import socket
+        import time
+
+        import httpx
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        root = Path(__file__).resolve().parent.parent
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "gptoss", "serve", "--port", str(self.port), *args],
+                                     env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gptoss serve exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"gptoss serve not healthy after {timeout}s:\n{self.log()}")
+            time.sleep(0.2)  # polling a child process's health, not synchronising the test
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
 if __name__ == "__main__":  # python tests/serve_support.py BASE OUT_DIR
-    base, out = Path(sys.argv[1]), Path(sys.argv[2])
-    out.mkdir(parents=True, exist_ok=True)
-    print(json.dumps({"loss": train_adapter(base, out / "adapter")}))
-    merge_adapter(base, out / "adapter", out / "merged")
-    convert_to_gguf(out / "merged", out / "merged-f16.gguf")
+    print(json.dumps({k: str(v) for k, v in build_harmony_models(sys.argv[1], Path(sys.argv[2])).items()}))
