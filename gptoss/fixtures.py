@@ -147,6 +147,11 @@ def _write_checkpoint(tmp: Path, name: str, kind: FixtureKind, config_kwargs: di
     )
     model.save_pretrained(tmp, max_shard_size=kind.max_shard_size)
     tokenizer.save_pretrained(tmp)
+    # The class name every transformers version (and llama.cpp's converter) knows.
+    tok_config = tmp / "tokenizer_config.json"
+    tok_json = json.loads(tok_config.read_text())
+    tok_json["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok_config.write_text(json.dumps(tok_json, indent=2, ensure_ascii=False) + "\n")
     record = {
         "fixture": name,
         "seed": seed,
@@ -155,6 +160,16 @@ def _write_checkpoint(tmp: Path, name: str, kind: FixtureKind, config_kwargs: di
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     (tmp / FIXTURE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    _normal_permissions(tmp)
+
+
+def _normal_permissions(root: Path) -> None:
+    """mkdtemp makes 0700 folders: give the checkpoint the umask's usual modes (containers read it)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for path in root.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def fixture(name: str, *, out: str, layers: int | None = None, seed: int = 0, force: bool = False) -> str:
