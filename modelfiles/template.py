@@ -7,8 +7,9 @@ Ollama hands a template: ``.Messages`` (Role, Content, Thinking, ToolCalls, Tool
 functions. Everything else is Go's built-ins (eq, and, or, not, len, index, slice, printf).
 
 Go templates cannot build values (no dict/list), so a named template cannot be handed an indent
-next to a schema: the JSON-schema renderers are written out once per nesting depth, down to
-``MAX_SCHEMA_DEPTH`` levels of objects; deeper objects render as ``any``.
+next to a schema: the JSON-schema renderers are written out once per nesting depth (without
+their source indentation, to keep the Modelfile small), for ``MAX_SCHEMA_DEPTH`` levels of
+objects; deeper objects render as ``any``.
 
 Output is written only through string constants inside ``{{- ... -}}`` actions, so the layout of
 this source never leaks into the prompt.
@@ -20,8 +21,8 @@ import functools
 
 from gptoss import harmony
 
-# Nesting depth of object-typed parameters rendered as TypeScript (deeper ones render as `any`).
-MAX_SCHEMA_DEPTH = 8
+# Levels of objects rendered as TypeScript, the parameters object included; deeper ones are `any`.
+MAX_SCHEMA_DEPTH = 6
 
 _MAP = "map[string]interface {}"  # what Go's encoding/json decodes a JSON object into
 _LIST = "[]interface {}"
@@ -295,7 +296,8 @@ def _depth_templates(depth: int) -> str:
     if depth >= 1:  # depth 0 is the parameters object itself
         out += _PROPERTY.replace("OBJECT", prop_object).replace("_D", f"_{depth}")
     out += _SCHEMA.replace("OBJECT", schema_object).replace("_D", f"_{depth}")
-    return out.replace("MAP", _MAP).replace("LIST", _LIST)
+    out = out.replace("MAP", _MAP).replace("LIST", _LIST)
+    return "\n".join(line.strip() for line in out.splitlines())
 
 
 @functools.lru_cache(maxsize=None)
