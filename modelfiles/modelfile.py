@@ -91,14 +91,15 @@ def render(*, from_line: str, system: str | None, num_ctx: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(gguf: str, *, system: str | None = None, num_ctx: int = DEFAULT_NUM_CTX, out: str | None = None) -> Path:
+def write(gguf: str, *, system: str | None = None, num_ctx: int | None = None, out: str | None = None) -> Path:
     """Write an Ollama Modelfile that speaks Harmony for a gpt-oss GGUF.
 
     Args:
         gguf: the gpt-oss GGUF file (its header must say general.architecture = gpt-oss).
         system: a system prompt; Ollama sends it as the developer message's instructions when a
             request brings no system message of its own.
-        num_ctx: context length Ollama runs the model with (at most the GGUF's context length).
+        num_ctx: context length Ollama runs the model with (at most the GGUF's context length;
+            default 8192, or the GGUF's context length when that is smaller).
         out: the Modelfile to write, or a folder for it; default <gguf stem>.Modelfile beside the GGUF.
     Returns:
         The path of the written Modelfile (FROM holds the GGUF's path relative to it).
@@ -109,7 +110,9 @@ def write(gguf: str, *, system: str | None = None, num_ctx: int = DEFAULT_NUM_CT
     problems = []
     if system is not None and not isinstance(system, str):
         problems.append(f"--system must be text, got {system!r}")
-    if isinstance(num_ctx, bool) or not isinstance(num_ctx, int):
+    if num_ctx is None:
+        pass
+    elif isinstance(num_ctx, bool) or not isinstance(num_ctx, int):
         problems.append(f"--num-ctx must be an integer, got {num_ctx!r}")
     elif num_ctx < MIN_NUM_CTX:
         problems.append(f"--num-ctx must be at least {MIN_NUM_CTX}, got {num_ctx}")
@@ -124,7 +127,9 @@ def write(gguf: str, *, system: str | None = None, num_ctx: int = DEFAULT_NUM_CT
         raise ModelfileError(
             f"--gguf {gguf_path}: {found}, not {gguf_header.GPT_OSS_ARCH!r}; this Harmony Modelfile is only for gpt-oss GGUFs"
         )
-    if context_length is not None and num_ctx > context_length:
+    if num_ctx is None:
+        num_ctx = min(DEFAULT_NUM_CTX, context_length) if context_length else DEFAULT_NUM_CTX
+    elif context_length is not None and num_ctx > context_length:
         raise ModelfileError(f"--num-ctx {num_ctx} exceeds the GGUF's context length {context_length}; pass at most that")
 
     out_path = Path(out).expanduser() if out else default_out(gguf_path)

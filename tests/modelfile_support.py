@@ -16,6 +16,7 @@ def write_gguf(path: Path, *, arch: str = "gpt-oss", context_length: int | None 
     import gguf
     import numpy as np
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), arch=arch)
     writer.add_name(name)
     if context_length is not None:
