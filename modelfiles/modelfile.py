@@ -1,8 +1,8 @@
 """Write an Ollama Modelfile for a gpt-oss GGUF: FROM, the Harmony TEMPLATE, SYSTEM, PARAMETERs.
 
 The Modelfile is read by Ollama's parser (ollama/ollama parser/parser.go), so what goes in it
-must survive that parser: a triple-quoted value ends at the first ``\"\"\"`` followed by white
-space, and runes that are not printable (other than spaces, tabs and newlines) are dropped.
+must survive that parser: a triple-quoted value ends at the first ``\"\"\"`` before a line break,
+and runes that are not printable (other than spaces, tabs and line breaks) are dropped.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def check_system(system: str) -> None:
         if tok in system:
             problems.append(f"the Harmony control token {tok}")
     if TRIPLE_QUOTE in system:
-        problems.append(f"{TRIPLE_QUOTE} (it would end the SYSTEM value in the Modelfile)")
+        problems.append(f"{TRIPLE_QUOTE} (Ollama's Modelfile parser ends the SYSTEM value at one before a line break)")
     dropped = _dropped_by_ollama(system)
     if dropped:
         names = ", ".join(f"U+{ord(c):04X}" for c in dropped)

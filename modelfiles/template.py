@@ -13,6 +13,11 @@ objects; deeper objects render as ``any``.
 
 Output is written only through string constants inside ``{{- ... -}}`` actions, so the layout of
 this source never leaks into the prompt.
+
+Known limits of the template itself (Ollama's own are listed in the conformance test's FORCED):
+objects nested deeper than MAX_SCHEMA_DEPTH, ``oneOf`` inside array items (rendered as the plain
+type), a JSON ``null`` as items/default (read as absent), and ``nullable`` adding ``| null``
+unless the type list already has "null" (openai-harmony looks for "null" in the rendered text).
 """
 
 from __future__ import annotations

@@ -542,3 +542,14 @@ def test_objects_beyond_max_depth_render_as_any(gotemplate, modelfile, go_scratc
     prompt = results["too-deep"]["prompt"]
     assert results["too-deep"].get("error") is None and prompt != reference(too_deep)
     assert prompt.count("d?: {") == levels - 1 and prompt.count("d?: any,") == 1 and "x?: string" not in prompt
+
+
+def test_ollama_parser_changes_what_write_refuses(gotemplate, gguf_file, tmp_path, go_scratch):
+    """Why `write` refuses some system prompts: Ollama's parser would silently change them."""
+    mf = tmp_path / "Modelfile"
+    mf.write_text(f'FROM {gguf_file}\nSYSTEM """a\u00a0b\u200bc\tkept"""\n', encoding="utf-8")
+    out = run_gotemplate(gotemplate, mf, [], go_scratch)
+    assert {c["name"]: c["args"] for c in out["commands"]}["system"] == "abc\tkept"
+    mf.write_text(f'FROM {gguf_file}\nSYSTEM """say """\ntwice"""\n', encoding="utf-8")
+    with pytest.raises(AssertionError, match="command must be one of"):
+        run_gotemplate(gotemplate, mf, [], go_scratch)

@@ -35,9 +35,9 @@ type Command struct {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Modelfile parsing (parser.ParseFile): a rune state machine. Values end at a newline or space
-// unless inside an unfinished quote; a value is trimmed and unquoted ("..." or """...""");
-// only printable runes are kept, except the spaces and newlines that pass through value state.
+// Modelfile parsing (parser.ParseFile): a rune state machine. A value ends at a line break once,
+// trimmed, it unquotes ("...", """...""" or bare): so a """ value ends at the first """ before a
+// line break. Only printable runes are kept, besides the spaces, tabs and line breaks of values.
 
 type state int
 
