@@ -103,8 +103,8 @@ type Tool[P any] struct {
 }
 
 type ToolFunction[P any] struct {
-	Name        string                   `json:"name"`
-	Description string                   `json:"description"`
+	Name        string                    `json:"name"`
+	Description string                    `json:"description"`
 	Parameters  ToolFunctionParameters[P] `json:"parameters"`
 }
 
