@@ -306,15 +306,8 @@ def _depth_templates(depth: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def harmony_template(
-    *,
-    model_identity: str = harmony.DEFAULT_IDENTITY,
-    knowledge_cutoff: str = harmony.DEFAULT_KNOWLEDGE_CUTOFF,
-) -> str:
+def harmony_template() -> str:
     """The TEMPLATE text (Go text/template), for a Modelfile or Ollama's /api/create."""
-    for name, value in (("model_identity", model_identity), ("knowledge_cutoff", knowledge_cutoff)):
-        if any(c in value for c in '"\\\n') or any(t in value for t in harmony.CONTROL_TOKENS):
-            raise ValueError(f"{name} cannot contain quotes, backslashes, newlines or Harmony tokens: {value!r}")
-    head = _HEAD.replace("IDENTITY", model_identity).replace("CUTOFF", knowledge_cutoff)
+    head = _HEAD.replace("IDENTITY", harmony.DEFAULT_IDENTITY).replace("CUTOFF", harmony.DEFAULT_KNOWLEDGE_CUTOFF)
     body = _TOOL_DESCRIPTION + _SHARED + "".join(_depth_templates(d) for d in range(MAX_SCHEMA_DEPTH + 1))
     return (head.rstrip("\n") + body).rstrip("\n")
