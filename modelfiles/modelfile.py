@@ -132,9 +132,13 @@ def write(gguf: str, *, system: str | None = None, num_ctx: int | None = None, o
     elif context_length is not None and num_ctx > context_length:
         raise ModelfileError(f"--num-ctx {num_ctx} exceeds the GGUF's context length {context_length}; pass at most that")
 
-    out_path = Path(out).expanduser() if out else default_out(gguf_path)
-    if out_path.is_dir() or str(out).endswith(("/", os.sep)):
-        out_path = out_path / default_out(gguf_path).name
+    out_path = default_out(gguf_path)
+    if out:
+        out_path = Path(out).expanduser()
+        if out_path.is_dir() or str(out).endswith(("/", os.sep)):
+            out_path = out_path / default_out(gguf_path).name
+    if out_path.resolve() == gguf_path.resolve():
+        raise ModelfileError(f"--out {out} is the GGUF itself; pass another file or a folder")
     text = render(from_line=from_path(gguf_path, out_path), system=system, num_ctx=num_ctx)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,6 +146,7 @@ def write(gguf: str, *, system: str | None = None, num_ctx: int | None = None, o
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, out_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -175,6 +175,14 @@ def test_bad_num_ctx(gpt_oss_gguf):
         assert_error(e, "--num-ctx", needle)
 
 
+def test_out_cannot_be_the_gguf(gpt_oss_gguf):
+    before = gpt_oss_gguf.read_bytes()
+    with pytest.raises(ModelfileError) as e:
+        write(str(gpt_oss_gguf), out=str(gpt_oss_gguf))
+    assert_error(e, "--out", "the GGUF itself")
+    assert gpt_oss_gguf.read_bytes() == before
+
+
 def test_failure_keeps_existing_modelfile(gpt_oss_gguf):
     out = write(str(gpt_oss_gguf), system="first")
     before = out.read_bytes()
