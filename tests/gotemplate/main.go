@@ -432,7 +432,14 @@ func render(src, system, nested string, c Case) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	msgs := templateMessages(collate(withSystem(c.Messages, system)))
+	all := withSystem(c.Messages, system)
+	var systems []string
+	for _, m := range all {
+		if m.Role == "system" {
+			systems = append(systems, m.Content)
+		}
+	}
+	msgs := templateMessages(collate(all))
 	var tools any
 	if nested == "plain" {
 		tl, err := toolsFor[api.ToolPropertyPlain](c.Tools)
@@ -453,7 +460,7 @@ func render(src, system, nested string, c Case) (string, error) {
 	}
 	var sb strings.Builder
 	err = t.Execute(&sb, map[string]any{
-		"System":     "",
+		"System":     strings.Join(systems, "\n\n"),
 		"Messages":   msgs,
 		"Tools":      tools,
 		"Response":   "",
