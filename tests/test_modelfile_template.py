@@ -8,7 +8,9 @@ Each case below is a request as /api/chat takes it; ``reference`` turns it into 
 messages for ``harmony.render_prompt_text``.
 
 Where Ollama's variables force a difference, the reference is adjusted, and only in the ways
-listed in FORCED (each adjustment in ``reference`` names its key).
+listed in FORCED (each adjustment in ``reference`` names its key). White space needs none:
+Ollama's Modelfile parser trims only outside the triple quotes of a value (SYSTEM_PROMPT keeps
+its spaces and tab) and messages reach the template untrimmed (case "whitespace-kept").
 """
 
 from __future__ import annotations
