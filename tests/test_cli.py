@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gptoss.cli import COMMANDS
+from gptoss.cli import COMMANDS, resolve
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -20,7 +20,8 @@ def test_command_table_matches_readme():
 
 def test_commands_live_in_stage_folders():
     stage_modules = ("gptoss.fixtures", "training", "exporters", "modelfiles", "serving")
-    for name, fn in COMMANDS.items():
+    for name in COMMANDS:
+        fn = resolve(name)
         assert fn.__module__.startswith(stage_modules), f"{name} -> {fn.__module__}"
 
 
@@ -39,8 +40,9 @@ def test_top_level_help_lists_every_command():
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_command_help_documents_every_flag(name):
     text = _help(name)
-    doc = inspect.getdoc(COMMANDS[name]) or ""
-    for param in inspect.signature(COMMANDS[name]).parameters:
+    fn = resolve(name)
+    doc = inspect.getdoc(fn) or ""
+    for param in inspect.signature(fn).parameters:
         assert f"--{param}" in text or param.upper() in text, f"{name}: --{param} missing from --help"
         assert re.search(rf"^\s+{param}:", doc, flags=re.M), f"{name}: {param} has no Args: entry in the docstring"
 
