@@ -1168,8 +1168,9 @@ def _upload(plan: PublishPlan, token: str) -> str:
                 head = info
             kind = _existing_kind([s.rfilename for s in head.siblings or []])
             if kind is not None and kind != plan.what:
+                held = {"adapter": "an adapter", "merged": "a merged model", "gguf": "GGUF files"}[kind]
                 raise PublishError(
-                    f"--repo-id {repo_id} already holds a {kind} model; publish the {plan.what} to its own repo "
+                    f"--repo-id {repo_id} already holds {held}; publish the {plan.what} to its own repo "
                     f"(e.g. {repo_id}-{plan.what.upper() if plan.what == 'gguf' else plan.what})"
                 )
         if info is None:

@@ -6,12 +6,14 @@ import sys
 
 import fire
 
+import exporters.publish
 from gptoss.errors import ToolchainError
 from gptoss.fixtures import fixture
 
 # The command table; README.md's "Commands" section lists the same names (tests/test_cli.py).
 COMMANDS = {
     "fixture": fixture,
+    "publish": exporters.publish.publish,
 }
 
 
