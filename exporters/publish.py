@@ -1117,6 +1117,17 @@ def _existing_kind(paths: list[str]) -> str | None:
     return None
 
 
+def _is_artifact_file(path: str) -> bool:
+    """Files a publish owns: weights, shard indexes, Modelfiles and the Ollama files of a GGUF repo."""
+    name = Path(path).name
+    return (
+        Path(name).suffix in (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".Modelfile")
+        or name.endswith(".index.json")
+        or name == "Modelfile"
+        or path in (OLLAMA_TEMPLATE_FILE, OLLAMA_PARAMS_FILE, OLLAMA_SYSTEM_FILE)
+    )
+
+
 def _hub_error(e: BaseException, token: str | None, what: str) -> PublishError:
     detail = str(e).strip().splitlines()
     detail = " ".join(line.strip() for line in detail if line.strip())[:500]
@@ -1124,7 +1135,7 @@ def _hub_error(e: BaseException, token: str | None, what: str) -> PublishError:
 
 
 def _upload(plan: PublishPlan, token: str) -> str:
-    from huggingface_hub import CommitOperationAdd, HfApi, constants
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
     import httpx
 
@@ -1177,29 +1188,38 @@ def _upload(plan: PublishPlan, token: str) -> str:
             api.create_repo(repo_id, repo_type="model", private=plan.private, exist_ok=True)
             print(f"created {'private ' if plan.private else ''}model repo {repo_id}", file=sys.stderr)
         try:
-            before = api.model_info(repo_id, revision=plan.revision).sha
+            remote = api.model_info(repo_id, revision=plan.revision)
         except RevisionNotFoundError:
             api.create_branch(repo_id, branch=plan.revision, exist_ok=True)
             print(f"created branch {plan.revision}", file=sys.stderr)
-            before = api.model_info(repo_id, revision=plan.revision).sha
+            remote = api.model_info(repo_id, revision=plan.revision)
     except PublishError:
         raise
     except network_errors as e:
         raise _hub_error(e, token, f"preparing {repo_id} on {endpoint} failed; nothing was uploaded") from None
 
-    operations = []
+    operations: list = []
     for f in plan.files:
         op = CommitOperationAdd(f.path_in_repo, str(f.local) if f.local is not None else f.data)
         op.upload_info.sha256 = bytes.fromhex(f.sha256)  # already computed and checked above
         operations.append(op)
+    # Weights and Ollama files of an earlier publish that this one does not replace would leave the
+    # repo inconsistent (two files for one quant tag, stale shards, a `system` the new Modelfile lacks).
+    uploading = {f.path_in_repo for f in plan.files}
+    stale = sorted(s.rfilename for s in remote.siblings or [] if _is_artifact_file(s.rfilename) and s.rfilename not in uploading)
+    operations += [CommitOperationDelete(path) for path in stale]
+    description = plan.commit_description
+    if stale:
+        description += f" Removed from the previous publish: {', '.join(stale)}."
+        print(f"removing {len(stale)} files of the previous publish: {', '.join(stale)}", file=sys.stderr)
     total = sum(f.size or 0 for f in plan.files)
-    print(f"uploading {len(operations)} files ({_human_size(total)}) to {repo_id}@{plan.revision}", file=sys.stderr)
+    print(f"uploading {len(plan.files)} files ({_human_size(total)}) to {repo_id}@{plan.revision}", file=sys.stderr)
     try:
         commit = api.create_commit(
             repo_id,
             operations,
             commit_message=plan.commit_message,
-            commit_description=plan.commit_description,
+            commit_description=description,
             revision=plan.revision,
         )
     except (RuntimeError, ValueError, *network_errors) as e:
@@ -1211,7 +1231,7 @@ def _upload(plan: PublishPlan, token: str) -> str:
             f"upload to {repo_id} did not complete; nothing was committed. Re-run the same command to resume: "
             f"files already on the Hub are not sent again. {where}Reason",
         ) from None
-    changed = commit.oid != before
+    changed = commit.oid != remote.sha
     _write_record(plan, commit, endpoint, changed)
     print(
         f"{'committed' if changed else 'already up to date, nothing committed'}: {commit.commit_url}",

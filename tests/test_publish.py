@@ -141,6 +141,30 @@ def test_dry_run_cli_needs_no_token_and_no_endpoint(runs, tmp_path):
     assert "base_model_relation: quantized" in proc.stdout
 
 
+def test_card_for_a_local_base_and_dataset_names_no_hub_ids(runs, tmp_path):
+    info_path = runs.training_dir / "training_info.json"
+    info = json.loads(info_path.read_text())
+    info.update(backend="transformers", base_model={"path": str(tmp_path / "models" / "tiny")},
+                dataset={"id": str(tmp_path / "data" / "train.jsonl"), "hash": "sha256:abc"})
+    info_path.write_text(json.dumps(info))
+    plan = pub.plan_publish(run=runs.training_dir, repo_id="acme/tiny-lora", what="adapter")
+    meta = plan.card.data.to_dict()
+    assert "base_model" not in meta and "base_model_relation" not in meta and "datasets" not in meta
+    assert "unsloth" not in meta["tags"]
+    text = str(plan.card)
+    assert str(tmp_path) not in text and "`<local>/tiny`" in text and "`<local>/train.jsonl`" in text
+
+
+def test_gguf_card_without_a_training_record(runs):
+    import shutil
+
+    shutil.rmtree(runs.training_dir)
+    plan = pub.plan_publish(run=runs.export_dir, repo_id="acme/x-GGUF", what="gguf")
+    meta = plan.card.data.to_dict()
+    assert meta["base_model"] == BASE and meta["base_model_relation"] == "quantized"  # from the manifest inputs
+    assert "No gptoss training record was found" in str(plan.card)
+
+
 # ------------------------------------------------------------------------------------- uploads
 
 
@@ -262,6 +286,24 @@ def test_rerun_after_success_changes_nothing(runs, hub_env):
     second = do_publish(runs, "gguf", repo_id="acme/gpt-oss-ft-GGUF")
     assert second == first and len(hub.lfs_events) == events
     assert len(hub.commits("acme/gpt-oss-ft-GGUF")) == 2
+
+
+def test_publishing_a_newer_run_replaces_the_previous_files(runs, hub_env):
+    hub = hub_env
+    do_publish(runs, "gguf", repo_id="acme/gpt-oss-ft-GGUF")
+    newer = build_runs(runs.root, name="gpt-oss-20b_standard_r8_20250202-080000")
+    (newer.export_dir / "gguf" / f"{newer.export_dir.name}-MXFP4_MOE.gguf").unlink()
+    manifest = json.loads((newer.export_dir / "manifest.json").read_text())
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if "MXFP4_MOE" not in a["path"]]
+    (newer.export_dir / "manifest.json").write_text(json.dumps(manifest))
+    do_publish(newer, "gguf", repo_id="acme/gpt-oss-ft-GGUF")
+    files = hub.files("acme/gpt-oss-ft-GGUF")
+    ggufs = sorted(p for p in files if p.endswith(".gguf"))
+    assert ggufs == sorted(f"{newer.export_dir.name}-{q}.gguf" for q in QUANTS if q != "MXFP4_MOE")
+    assert not any(RUN in p for p in files)  # no second file per tag, no stale Modelfile
+    commit = hub.commits("acme/gpt-oss-ft-GGUF")[0]
+    assert commit.summary == f"gptoss publish gguf from run {newer.export_dir.name}"
+    assert f"{RUN}-MXFP4_MOE.gguf" in commit.description
 
 
 def test_revision_creates_the_branch_and_leaves_main_alone(runs, hub_env):
