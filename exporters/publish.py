@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import re
-import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -870,11 +869,11 @@ def build_card_text(plan: PublishPlan) -> str:
 
     meta = card_metadata(plan)
     data = ModelCardData(**{k: v for k, v in meta.items() if v is not None})
-    body = _card_body(plan, meta)
+    body = _card_body(plan)
     return f"---\n{data.to_yaml()}\n---\n\n{body}"
 
 
-def _card_body(plan: PublishPlan, meta: dict) -> str:
+def _card_body(plan: PublishPlan) -> str:
     t = plan.training
     repo = plan.repo_id
     base = t.base_model if t else (plan.manifest.inputs.get("base_model") if plan.manifest else None)
@@ -883,7 +882,8 @@ def _card_body(plan: PublishPlan, meta: dict) -> str:
     kind_line = {
         "adapter": f"A LoRA adapter for `{base_shown}`",
         "merged": f"`{base_shown}` with a LoRA fine-tune merged into bf16 weights",
-        "gguf": f"GGUF quantizations of a fine-tune of `{base_shown}`",
+        "gguf": f"GGUF quantizations of a fine-tune of `{base_shown}`"
+        + (f" (converted from [`{plan.merged_repo}`](https://huggingface.co/{plan.merged_repo}))" if plan.merged_repo else ""),
     }[plan.what]
     out = [f"# {repo.split('/')[1]}", ""]
     data_part = f", trained on `{dataset_shown}`" if dataset_shown else ""
@@ -1214,6 +1214,11 @@ def _upload(plan: PublishPlan, token: str) -> str:
         print(f"removing {len(stale)} files of the previous publish: {', '.join(stale)}", file=sys.stderr)
     total = sum(f.size or 0 for f in plan.files)
     print(f"uploading {len(plan.files)} files ({_human_size(total)}) to {repo_id}@{plan.revision}", file=sys.stderr)
+    # One create_commit: with hf_xet installed (a huggingface_hub 1.x dependency) files go through Xet,
+    # which deduplicates chunks already uploaded; without it (or HF_HUB_DISABLE_XET=1) through LFS,
+    # where the batch API skips objects the Hub already holds. Transfers are retried by http_backoff
+    # (429/5xx/network errors, 5 tries). upload_folder would need a staging folder and splits big
+    # uploads into "(part N)" commits; upload_large_folder is deprecated and cannot name the commit.
     try:
         commit = api.create_commit(
             repo_id,
