@@ -447,6 +447,6 @@ def test_all_problems_reported_at_once(runs, hub_env, monkeypatch):
 
 
 def test_cli_wires_publish():
-    from gptoss.cli import COMMANDS
+    from gptoss.cli import resolve
 
-    assert COMMANDS["publish"] is pub.publish
+    assert resolve("publish") is pub.publish
