@@ -1117,6 +1117,19 @@ def _existing_kind(paths: list[str]) -> str | None:
     return None
 
 
+def _http_errors() -> tuple[type[Exception], ...]:
+    """The HTTP client's base error: httpx under huggingface_hub 1.x, httpx2 under 2.x."""
+    import importlib
+
+    out = []
+    for name in ("httpx", "httpx2"):
+        try:
+            out.append(importlib.import_module(name).HTTPError)
+        except ImportError:
+            pass
+    return tuple(out)
+
+
 def _is_artifact_file(path: str) -> bool:
     """Files a publish owns: weights, shard indexes, Modelfiles and the Ollama files of a GGUF repo."""
     name = Path(path).name
@@ -1137,12 +1150,11 @@ def _hub_error(e: BaseException, token: str | None, what: str) -> PublishError:
 def _upload(plan: PublishPlan, token: str) -> str:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-    import httpx
 
     api = HfApi(token=token)
     repo_id = plan.repo_id
     endpoint = constants.ENDPOINT
-    network_errors = (HfHubHTTPError, httpx.HTTPError, OSError)
+    network_errors = (HfHubHTTPError, OSError, *_http_errors())
     try:
         api.whoami()
     except HfHubHTTPError as e:

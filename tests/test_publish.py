@@ -426,6 +426,15 @@ def test_rejected_token(runs, hub_env, monkeypatch):
     assert hub_env.writes() == []
 
 
+def test_unreachable_hub(runs, hub_env, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed}")
+    with pytest.raises(pub.PublishError, match=f"cannot reach the Hub at http://127.0.0.1:{closed}"):
+        do_publish(runs, "adapter")
+
+
 @pytest.mark.parametrize("repo_id", ["gpt-oss-ft", "acme/team/gpt-oss-ft", "acme/gpt oss", "acme/gpt--oss", "acme/.."])
 def test_invalid_repo_id(runs, hub_env, repo_id):
     with pytest.raises(pub.PublishError, match="--repo-id"):
