@@ -519,7 +519,13 @@ def _plan_gguf(manifest: ExportManifest, problems: list[str]) -> tuple[list[Repo
     if not ggufs:
         problems.append(f"{where}: no 'gguf' artifacts; run `gptoss export --run ...` first")
         return [], []
-    modelfiles = manifest.of_kind("modelfile")
+    modelfiles = list(manifest.of_kind("modelfile"))
+    # A Modelfile written later by hand (`gptoss modelfile --gguf X`) sits next to its GGUF, unlisted.
+    listed = {m.path.resolve() for m in modelfiles}
+    for folder in sorted({a.path.parent for a in ggufs if a.path.parent.is_dir()}):
+        for candidate in sorted(folder.iterdir()):
+            if "Modelfile" in candidate.name and candidate.is_file() and candidate.resolve() not in listed:
+                modelfiles.append(Artifact(path=candidate, rel=str(candidate.relative_to(manifest.export_dir)), kind="modelfile"))
     by_target: dict[Path, Artifact] = {}
     parsed: dict[Path, Modelfile] = {}
     for m in modelfiles:
@@ -573,7 +579,7 @@ def _plan_gguf(manifest: ExportManifest, problems: list[str]) -> tuple[list[Repo
         m = by_target.get(a.path.resolve())
         if m is None:
             problems.append(
-                f"{a.path}: no Modelfile in {MANIFEST} points at it; run `gptoss modelfile --gguf {a.path}`"
+                f"{a.path}: no Modelfile (listed in {MANIFEST} or next to it) points at it; run `gptoss modelfile --gguf {a.path}`"
             )
             continue
         if m.path.parent.resolve() != a.path.parent.resolve():

@@ -165,6 +165,18 @@ def test_gguf_card_without_a_training_record(runs):
     assert "No gptoss training record was found" in str(plan.card)
 
 
+def test_unlisted_modelfile_next_to_its_gguf_is_used(runs):
+    manifest_path = runs.export_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["kind"] != "modelfile"]
+    manifest_path.write_text(json.dumps(manifest))
+    plan = pub.plan_publish(run=runs.export_dir, repo_id="acme/x-GGUF", what="gguf")
+    assert sorted(e.modelfile.path_in_repo for e in plan.ggufs) == sorted(f"{RUN}-{q}.Modelfile" for q in QUANTS)
+    (runs.export_dir / "gguf" / f"{RUN}-Q5_K_M.Modelfile").unlink()
+    with pytest.raises(pub.PublishError, match=r"Q5_K_M\.gguf: no Modelfile .* points at it"):
+        pub.plan_publish(run=runs.export_dir, repo_id="acme/x-GGUF", what="gguf")
+
+
 # ------------------------------------------------------------------------------------- uploads
 
 
