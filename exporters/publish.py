@@ -986,12 +986,11 @@ def _usage_section(plan: PublishPlan, base_shown: str) -> list[str]:
             f'tok = AutoTokenizer.from_pretrained("{repo}")',
             messages, tokenizer_call, "```", "",
             "### llama.cpp and Ollama", "",
-            "Merge and export first (merging into 4-bit weights is refused; the base is dequantized to bf16):",
-            "", "```bash",
-            f"hf download {repo} --local-dir models/{plan.run_name}/adapter",
-            f"gptoss merge --run models/{plan.run_name} && gptoss export --run models/{plan.run_name} --quants q4_k_m",
-            "```", "",
-            "or use the GGUF repo published from the same run, if there is one.", "",
+            "Use the GGUF repo published from the same run, if there is one, or merge into bf16 weights "
+            "(never into 4-bit) and convert with llama.cpp:", "", "```bash",
+            f"hf download {repo} --local-dir adapter",
+            f"gptoss merge --base {base_shown} --adapter adapter --out merged",
+            *_convert_lines(), "```", "",
             "### gptoss serve (OpenAI-compatible API)", "", "```bash",
             f"hf download {repo} --local-dir adapter",
             f"gptoss serve --backend transformers --model {base_shown} --adapter adapter --port 8000",
@@ -1005,9 +1004,8 @@ def _usage_section(plan: PublishPlan, base_shown: str) -> list[str]:
             f'tok = AutoTokenizer.from_pretrained("{repo}")',
             messages, tokenizer_call, "```", "",
             "### llama.cpp and Ollama", "",
-            "Use the GGUF repo published from the same run, or convert with the pinned llama.cpp:", "",
-            "```bash", f"hf download {repo} --local-dir exports/{plan.run_name}/merged",
-            f"gptoss export --run exports/{plan.run_name} --quants q4_k_m", "```", "",
+            "Use the GGUF repo published from the same run, if there is one, or convert with llama.cpp:", "",
+            "```bash", f"hf download {repo} --local-dir merged", *_convert_lines(), "```", "",
             "### gptoss serve (OpenAI-compatible API)", "", "```bash",
             f"hf download {repo} --local-dir merged",
             "gptoss serve --backend transformers --model merged --port 8000",
@@ -1044,6 +1042,14 @@ def _usage_section(plan: PublishPlan, base_shown: str) -> list[str]:
             serve_request, "```", "",
         ]
     return out
+
+
+def _convert_lines() -> list[str]:
+    return [
+        "python convert_hf_to_gguf.py merged --outtype f16 --outfile model-F16.gguf   # llama.cpp's converter",
+        "llama-quantize model-F16.gguf model-Q4_K_M.gguf Q4_K_M",
+        "# then a Modelfile that speaks Harmony: gptoss modelfile --gguf model-Q4_K_M.gguf",
+    ]
 
 
 def _training_section(plan: PublishPlan) -> list[str]:
