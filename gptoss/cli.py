@@ -16,6 +16,7 @@ from gptoss.errors import ToolchainError
 COMMANDS = {
     "fixture": "gptoss.fixtures:fixture",
     "modelfile": "modelfiles:write",
+    "publish": "exporters.publish:publish",
 }
 
 
