@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
+from typing import Callable
 
 import fire
 
 from gptoss.errors import ToolchainError
-from gptoss.fixtures import fixture
-import serving
 
-# The command table; README.md's "Commands" section lists the same names (tests/test_cli.py).
+# The command table: name -> "module:function" in its stage folder. README.md's "Commands" table
+# lists the same names (tests/test_cli.py). Modules are imported only for the command that runs,
+# so the torch-free serving image never imports the trainer.
 COMMANDS = {
-    "fixture": fixture,
-    "serve": serving.serve,
+    "fixture": "gptoss.fixtures:fixture",
+    "modelfile": "modelfiles:write",
+    "publish": "exporters.publish:publish",
+    "serve": "serving:serve",
 }
 
 
+def resolve(name: str) -> Callable:
+    module, _, attr = COMMANDS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    names = [argv[0]] if argv and argv[0] in COMMANDS else list(COMMANDS)
     try:
-        fire.Fire(COMMANDS, command=argv, name="gptoss")
+        fire.Fire({name: resolve(name) for name in names}, command=argv, name="gptoss")
     except ToolchainError as e:
         print(f"gptoss: error: {e}", file=sys.stderr)
         return 2

@@ -108,16 +108,19 @@ FIXTURES: dict[str, FixtureKind] = {
 
 
 def _check_out(out: Path, force: bool) -> None:
-    parent = out.parent
     if out.exists() and not out.is_dir():
         raise FixtureError(f"--out {out} exists and is not a directory; choose another path")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise FixtureError(f"--out {out} is not empty; pass --force to replace it or choose another path")
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise FixtureError(f"--out {out}: cannot create it, {probe} is not writable; choose a writable path")
+
+
+def _make_tmp(out: Path) -> Path:
+    """The temporary sibling of ``out`` the checkpoint is written into; fails early if unwritable."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise FixtureError(f"--out {out}: cannot write there ({e.strerror or e}); choose a writable path") from e
 
 
 def _write_checkpoint(tmp: Path, name: str, kind: FixtureKind, config_kwargs: dict, seed: int) -> None:
@@ -147,6 +150,11 @@ def _write_checkpoint(tmp: Path, name: str, kind: FixtureKind, config_kwargs: di
     )
     model.save_pretrained(tmp, max_shard_size=kind.max_shard_size)
     tokenizer.save_pretrained(tmp)
+    # The class name every transformers version (and llama.cpp's converter) knows.
+    tok_config = tmp / "tokenizer_config.json"
+    tok_json = json.loads(tok_config.read_text())
+    tok_json["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok_config.write_text(json.dumps(tok_json, indent=2, ensure_ascii=False) + "\n")
     record = {
         "fixture": name,
         "seed": seed,
@@ -155,6 +163,16 @@ def _write_checkpoint(tmp: Path, name: str, kind: FixtureKind, config_kwargs: di
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     (tmp / FIXTURE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    _normal_permissions(tmp)
+
+
+def _normal_permissions(root: Path) -> None:
+    """mkdtemp makes 0700 folders: give the checkpoint the umask's usual modes (containers read it)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for path in root.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def fixture(name: str, *, out: str, layers: int | None = None, seed: int = 0, force: bool = False) -> str:
@@ -180,8 +198,7 @@ def fixture(name: str, *, out: str, layers: int | None = None, seed: int = 0, fo
     config_kwargs = kind.config(layers)
     out_path = Path(out).expanduser().absolute()
     _check_out(out_path, force)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.partial-", dir=out_path.parent))
+    tmp = _make_tmp(out_path)
     try:
         _write_checkpoint(tmp, name, kind, config_kwargs, seed)
         if out_path.exists():

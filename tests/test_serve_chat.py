@@ -7,7 +7,7 @@ import json
 import pytest
 
 from gptoss import harmony
-from gptoss.cli import COMMANDS
+from gptoss.cli import resolve
 from serving import serve
 from serving.backends import BACKENDS, ServeError, get_backend
 from serving.chat import ChatOutput
@@ -86,7 +86,7 @@ def test_truncated_output_is_length_and_garbage_never_leaks():
 
 
 def test_command_table_and_registry():
-    assert COMMANDS["serve"] is serve
+    assert resolve("serve") is serve
     assert set(BACKENDS) == {"llamacpp", "transformers"}
     with pytest.raises(ServeError, match="known: llamacpp, transformers"):
         get_backend("vllm")
@@ -94,14 +94,58 @@ def test_command_table_and_registry():
 
 def test_flags_are_checked_together(tmp_path):
     with pytest.raises(ServeError) as e:
-        resolve_config(backend="llamacpp", model=str(tmp_path / "missing.gguf"), adapter=None, device="gpu0", ctx=0,
-                       parallel=0, threads=None, dtype="auto")
+        resolve_config(backend="llamacpp", model=str(tmp_path / "missing.gguf"), adapter=None, quant=None, device="gpu0",
+                       ctx=0, parallel=0, threads=None, dtype="auto")
     message = str(e.value)
     for flag in ("--device", "--ctx", "--parallel", "--model"):
         assert flag in message
-    (tmp_path / "a.gguf").write_bytes(b"GGUF")
-    with pytest.raises(ServeError, match="a.gguf"):
-        resolve_config(backend="llamacpp", model=str(tmp_path), adapter=None, device="cpu", ctx=1024, parallel=1, threads=None, dtype="auto")
+
+
+def _config(tmp_path, **kw):
+    args = dict(backend="llamacpp", adapter=None, quant=None, device="cpu", ctx=1024, parallel=1, threads=None, dtype="auto")
+    args.update(kw)
+    return resolve_config(**args)
+
+
+def test_export_folder_resolves_through_its_manifest(tmp_path):
+    export = tmp_path / "exports" / "run1"
+    (export / "gguf").mkdir(parents=True)
+    for q in ("F16", "Q4_K_M"):
+        (export / "gguf" / f"run1-{q}.gguf").write_bytes(b"GGUF")
+    manifest = {"artifacts": [{"path": f"gguf/run1-{q}.gguf", "kind": "gguf", "quant": q} for q in ("F16", "Q4_K_M")]}
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    assert _config(tmp_path, model=str(export), quant="q4_k_m").model == str((export / "gguf" / "run1-Q4_K_M.gguf").resolve())
+    with pytest.raises(ServeError, match="F16, Q4_K_M"):  # two GGUFs and no --quant: say which exist
+        _config(tmp_path, model=str(export))
+    with pytest.raises(ServeError, match="Q5_K_M"):
+        _config(tmp_path, model=str(export), quant="Q5_K_M")
+    (export / "gguf" / "run1-F16.gguf").unlink()
+    with pytest.raises(ServeError, match="re-run `gptoss export`"):
+        _config(tmp_path, model=str(export), quant="f16")
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    (loose / "a.gguf").write_bytes(b"GGUF")
+    assert _config(tmp_path, model=str(loose)).model == str((loose / "a.gguf").resolve())
+    (loose / "b.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ServeError, match="a.gguf, b.gguf"):
+        _config(tmp_path, model=str(loose))
+
+
+def test_training_run_resolves_to_base_and_adapter(tmp_path):
+    run = tmp_path / "models" / "run1"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "training_info.json").write_text(json.dumps({"base_model": {"id": "openai/gpt-oss-20b", "revision": "abc123"}}))
+    config = _config(tmp_path, backend="transformers", model=str(run))
+    assert (config.model, config.adapter, config.revision) == ("openai/gpt-oss-20b", str((run / "adapter").absolute()), "abc123")
+    export = tmp_path / "exports" / "run1"
+    (export / "merged").mkdir(parents=True)
+    (export / "merged" / "config.json").write_text("{}")
+    (export / "manifest.json").write_text(json.dumps({"artifacts": [{"path": "merged", "kind": "merged"}]}))
+    assert _config(tmp_path, backend="transformers", model=str(export)).model == str((export / "merged").resolve())
+    with pytest.raises(ServeError) as e:
+        _config(tmp_path, backend="transformers", model=str(tmp_path / "nothing"), quant="q4_k_m")
+    assert "--quant" in str(e.value) and "does not exist" in str(e.value)
 
 
 def test_llamacpp_path_does_not_import_torch():

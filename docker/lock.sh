@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Regenerates docker/locks/*.txt: the exact versions each image installs (pip -r), from pyproject.toml.
+#   export.txt  core + export extra (CPU torch comes from TORCH_CPU_INDEX or the wheelhouse)
+#   serve.txt   core + serve extra (no torch: serve-cpu and serve-llamacpp)
+#   train.txt   core + train + serve extras (train and serve-unsloth; torch pinned in the Dockerfile)
+# Needs uv (pip install uv). The project itself is installed with --no-deps after the lock.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# Resolve against the CPU build of torch (no CUDA packages in its metadata): from PyTorch's CPU
+# index, or a folder of wheels (TORCH_CPU_WHEELS, e.g. /opt/wheels) where that index is unreachable.
+TORCH_CPU_VERSION=2.13.0+cpu
+source_flags=(--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+[ -n "${TORCH_CPU_WHEELS:-}" ] && source_flags=(--find-links "$TORCH_CPU_WHEELS")
+overrides=$(mktemp)
+trap 'rm -f "$overrides"' EXIT
+echo "torch==$TORCH_CPU_VERSION" >"$overrides"
+compile() {
+  local out=$1; shift
+  uv pip compile pyproject.toml --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header \
+     --no-annotate "${source_flags[@]}" --override "$overrides" "$@" -o "docker/locks/$out" --quiet
+}
+compile export.txt --extra export
+compile serve.txt --extra serve
+# train and serve-unsloth install the CUDA torch pinned in docker/Dockerfile, so torch is left out.
+compile train.txt --extra train --extra serve --no-emit-package torch
+echo "locks written: $(ls docker/locks)"

@@ -1,0 +1,1 @@
+"""Export stage: merge, GGUF export and publishing to the Hugging Face Hub."""

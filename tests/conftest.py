@@ -1,0 +1,120 @@
+"""Shared test fixtures: the tiny gpt-oss checkpoint and the Docker base image.
+
+No image registry is reachable, so container tests build FROM a base image bootstrapped here with
+debootstrap (cached per machine by a content tag). TLS to PyPI is re-signed by a local CA, so
+builds get the host's CA bundle as a BuildKit secret (never baked into a layer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny gpt-oss checkpoint (seed 0) with the real tokenizer, written once per session."""
+    from gptoss.fixtures import fixture
+
+    out = tmp_path_factory.mktemp("fixture") / "tiny"
+    return Path(fixture("tiny", out=str(out)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Docker
+
+
+def docker_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> None:
+    """Skips container tests when no engine runs, unless GPTOSS_REQUIRE_DOCKER=1 (tests/run.sh sets it)."""
+    if docker_available():
+        return
+    msg = "no Docker engine: run the tests through `bash tests/run.sh`, which starts one"
+    if os.environ.get("GPTOSS_REQUIRE_DOCKER") == "1":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+BASE_SUITE = "bookworm"
+BASE_MIRROR = os.environ.get("GPTOSS_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
+BASE_RECIPE = f"debootstrap --variant=minbase --include={','.join(BASE_PACKAGES)} {BASE_SUITE} {BASE_MIRROR}"
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseImage:
+    """A locally built base image, and how a build lets pip inside trust the host's CA bundle."""
+
+    name: str
+    ca_bundle: Path | None
+
+    def build_flags(self, arg: str = "BASE_IMAGE") -> list[str]:
+        """`docker buildx build` flags: the base image as a build arg, the CA bundle as secret `ca`."""
+        flags = ["--build-arg", f"{arg}={self.name}"]
+        if self.ca_bundle is not None:
+            flags += ["--secret", f"id=ca,src={self.ca_bundle}"]
+        return flags
+
+
+def host_ca_bundle() -> Path | None:
+    for candidate in (os.environ.get("PIP_CERT"), os.environ.get("SSL_CERT_FILE"), "/etc/ssl/certs/ca-certificates.crt"):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def build_base_image() -> str:
+    """debootstrap a minimal bookworm with python3 and import it; the tag is the recipe's hash."""
+    tag = hashlib.sha256(BASE_RECIPE.encode()).hexdigest()[:12]
+    name = f"gptoss-base:{BASE_SUITE}-{tag}"
+    if subprocess.run(["docker", "image", "inspect", name], capture_output=True).returncode == 0:
+        return name
+    if shutil.which("debootstrap") is None:
+        raise RuntimeError("debootstrap is missing: apt-get install debootstrap (tests/run.sh does)")
+    with tempfile.TemporaryDirectory(prefix="gptoss-rootfs-") as root:
+        cmd = ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", BASE_SUITE, root, BASE_MIRROR]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"debootstrap failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            shutil.rmtree(Path(root) / junk, ignore_errors=True)
+        tar = subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE)
+        imp = subprocess.run(["docker", "import", "-", name], stdin=tar.stdout, capture_output=True, text=True)
+        tar.stdout.close()
+        tar.wait()
+        if imp.returncode != 0 or tar.returncode != 0:
+            raise RuntimeError(f"docker import failed: {imp.stderr}")
+    return name
+
+
+@pytest.fixture(scope="session")
+def base_image(docker_engine) -> BaseImage:
+    return BaseImage(name=build_base_image(), ca_bundle=host_ca_bundle())
+
+
+def docker_build(context: Path, tag: str, *flags: str, dockerfile: Path | None = None, target: str | None = None) -> None:
+    """BuildKit build (buildx, loaded into the local engine); raises with the build log on failure."""
+    cmd = ["docker", "buildx", "build", "--load", "-t", tag, *flags]
+    if dockerfile is not None:
+        cmd += ["-f", str(dockerfile)]
+    if target is not None:
+        cmd += ["--target", target]
+    cmd.append(str(context))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"docker build of {tag} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

@@ -1,0 +1,3 @@
+module gptoss.test/gotemplate
+
+go 1.19
