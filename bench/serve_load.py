@@ -104,22 +104,33 @@ async def one_stream(client, model, max_tokens, seed) -> dict:
 
 
 async def throughput(args, url) -> dict:
-    out = {}
+    """Aggregate tok/s per stream count; with --repeat R the counts are interleaved R times (noisy hosts)
+    and each figure is the median over the repeats."""
+    import statistics
+
+    runs: dict[str, list[dict]] = {}
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=httpx.Limits(max_connections=256)) as client:
         model = await model_id(client)
-        await one_stream(client, model, 8, 0)  # warm-up
-        for n in args.streams:
-            t0 = time.perf_counter()
-            results = await asyncio.gather(*(one_stream(client, model, args.max_tokens, 1000 * n + i) for i in range(n)))
-            wall = time.perf_counter() - t0
-            tokens = sum(r["tokens"] for r in results)
-            per_stream = [r["decode_tok_s"] for r in results if r["decode_tok_s"]]
-            out[str(n)] = {"streams": n, "tokens": tokens, "wall_s": round(wall, 3),
-                           "aggregate_tok_s": round(tokens / wall, 2),
-                           "mean_stream_decode_tok_s": round(sum(per_stream) / len(per_stream), 2) if per_stream else None,
-                           "mean_ttft_s": round(sum(r["ttft_s"] for r in results) / n, 3)}
+        # Warm-up at full width and length: the first generations after start are much slower (seen on CPU).
+        await asyncio.gather(*(one_stream(client, model, args.max_tokens, 99_000 + i) for i in range(max(args.streams))))
+        for _ in range(getattr(args, "repeat", 1)):
+            for n in args.streams:
+                t0 = time.perf_counter()
+                results = await asyncio.gather(*(one_stream(client, model, args.max_tokens, 1000 * n + i) for i in range(n)))
+                wall = time.perf_counter() - t0
+                tokens = sum(r["tokens"] for r in results)
+                per_stream = [r["decode_tok_s"] for r in results if r["decode_tok_s"]]
+                runs.setdefault(str(n), []).append({
+                    "tokens": tokens, "wall_s": round(wall, 3), "aggregate_tok_s": round(tokens / wall, 2),
+                    # null when the model emits no parseable text (random weights): no deltas to time
+                    "mean_stream_decode_tok_s": round(sum(per_stream) / len(per_stream), 2) if per_stream else None,
+                    "mean_ttft_s": round(sum(r["ttft_s"] for r in results) / n, 3)})
+    out = {}
+    for n, rs in runs.items():
+        out[n] = {"streams": int(n), "aggregate_tok_s": round(statistics.median(r["aggregate_tok_s"] for r in rs), 2),
+                  "runs": rs}
     if "1" in out:
-        for k, v in out.items():
+        for v in out.values():
             v["vs_1_stream"] = round(v["aggregate_tok_s"] / out["1"]["aggregate_tok_s"], 2)
     return out
 
@@ -203,6 +214,7 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--streams", default="1,4,8,16", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--repeat", type=int, default=1, help="throughput: interleave the stream counts this many times")
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--malformed", type=float, default=0.1)

@@ -128,7 +128,8 @@ class LlamaCppBackend(Backend):
                 os.unlink(self._log_file.name)
 
     def info(self) -> dict:
-        return {**super().info(), "engine": "llama-server", "engine_url": self.base_url}
+        return {**super().info(), "engine": "llama-server", "engine_url": self.base_url,
+                "engine_log": self._log_file.name if self._log_file else None}
 
     async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Generated]:
         import httpx
@@ -147,6 +148,8 @@ class LlamaCppBackend(Backend):
         }
         # llama.cpp's vocabulary marks <|return|> and <|call|> end-of-generation for gpt-oss GGUFs;
         # anything else the caller wants to stop at is left to the caller (it closes the stream).
+        # Always streamed, also for non-streaming API requests: closing a stream is what reliably makes
+        # llama-server drop the task (a cancelled non-streaming request was seen to keep its slot busy).
         seen = 0
         try:
             resp = await self._client.send(self._client.build_request("POST", "/completion", json=body), stream=True)
