@@ -117,7 +117,7 @@ def bench_one(gguf: Path, args) -> dict:
         result["api_vs_llama_bench_tg"] = round(result["api_single_stream_tok_s"] / result["llama_bench"]["tg_tok_s"], 3)
         result["api_vs_llama_server_direct"] = round(result["api_single_stream_tok_s"] / result["llama_server_direct"]["engine_wall_tok_s"], 3)
         result["streams"] = asyncio.run(serve_load.throughput(argparse.Namespace(streams=args.streams, max_tokens=args.max_tokens, repeat=2), url))
-        result["load"] = asyncio.run(serve_load.load(argparse.Namespace(requests=args.load_requests, concurrency=16, malformed=0.1, max_tokens=64), url))
+        result["load"] = asyncio.run(serve_load.load(argparse.Namespace(requests=args.load_requests, concurrency=16, malformed=0.1, max_tokens=64, max_retries=30), url))
     return result
 
 

@@ -150,6 +150,7 @@ async def load(args, url) -> dict:
     statuses: dict[str, int] = {}
     kinds: dict[str, dict[str, int]] = {}
     latencies = []
+    retried: dict[str, int] = {}
     sem = asyncio.Semaphore(args.concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=httpx.Limits(max_connections=256)) as client:
         model = await model_id(client)
@@ -161,19 +162,25 @@ async def load(args, url) -> dict:
                 plan.append(("ok_stream" if i % 2 else "ok", None))
 
         async def send(i, kind, make):
+            """One request; 429/503 are retried after Retry-After, as the openai client does."""
             async with sem:
                 t0 = time.perf_counter()
-                if make:
-                    content, headers = make(model)
-                    r = await client.post("/v1/chat/completions", content=content, headers=headers or {"Content-Type": "application/json"})
-                    status = r.status_code
-                else:
-                    body = {"model": model, "messages": [{"role": "user", "content": f"Request {i}"}], "max_tokens": args.max_tokens,
-                            "stream": kind == "ok_stream"}
-                    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-                        async for _ in r.aiter_bytes():
-                            pass
-                        status = r.status_code
+                for attempt in range(args.max_retries + 1):
+                    if make:
+                        content, headers = make(model)
+                        r = await client.post("/v1/chat/completions", content=content, headers=headers or {"Content-Type": "application/json"})
+                        status, retry_after = r.status_code, r.headers.get("Retry-After")
+                    else:
+                        body = {"model": model, "messages": [{"role": "user", "content": f"Request {i}"}], "max_tokens": args.max_tokens,
+                                "stream": kind == "ok_stream"}
+                        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                            async for _ in r.aiter_bytes():
+                                pass
+                            status, retry_after = r.status_code, r.headers.get("Retry-After")
+                    if status not in (429, 503) or attempt == args.max_retries:
+                        break
+                    retried[str(status)] = retried.get(str(status), 0) + 1
+                    await asyncio.sleep(float(retry_after or 1))
                 latencies.append(time.perf_counter() - t0)
                 statuses[str(status)] = statuses.get(str(status), 0) + 1
                 kinds.setdefault(kind, {}).setdefault(str(status), 0)
@@ -186,7 +193,7 @@ async def load(args, url) -> dict:
         metrics = (await client.get("/metrics")).text
     latencies.sort()
     return {"requests": args.requests, "concurrency": args.concurrency, "malformed_share": args.malformed,
-            "wall_s": round(wall, 2), "statuses": statuses, "by_kind": kinds,
+            "wall_s": round(wall, 2), "statuses": statuses, "by_kind": kinds, "retried_after": retried,
             "server_errors": sum(v for k, v in statuses.items() if k.startswith("5")),
             "p50_s": round(latencies[len(latencies) // 2], 3), "p95_s": round(latencies[int(len(latencies) * 0.95)], 3),
             "health_after": health.status_code,
@@ -218,6 +225,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--malformed", type=float, default=0.1)
+    p.add_argument("--max-retries", type=int, default=30, help="load: retries of a 429/503 after its Retry-After")
     p.add_argument("--start-timeout", type=float, default=600)
     args = p.parse_args()
     if not args.url and not args.model:

@@ -316,7 +316,7 @@ def test_load_300_requests_no_5xx(llamacpp_server):
     import argparse
     import asyncio
 
-    args = argparse.Namespace(requests=300, concurrency=16, malformed=0.1, max_tokens=16)
+    args = argparse.Namespace(requests=300, concurrency=16, malformed=0.1, max_tokens=16, max_retries=0)
     result = asyncio.run(bench.load(args, llamacpp_server.url))
     assert result["server_errors"] == 0, result
     assert sum(result["statuses"].values()) == 300
