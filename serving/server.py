@@ -63,7 +63,7 @@ def serve(
     parallel: int = 4,
     queue: int | None = None,
     threads: int | None = None,
-    dtype: str = "auto",
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto",
     model_name: str | None = None,
     debug: bool = False,
     log_level: str = "info",
