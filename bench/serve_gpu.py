@@ -73,7 +73,7 @@ async def engine_direct(engine_url: str, n_gen: int, repeats: int = 3) -> dict:
 
     prompt = harmony.render_prompt([{"role": "user", "content": "Write a long story number 1."}])
     rates, walls = [], []
-    async with httpx.AsyncClient(base_url=engine_url, timeout=None) as client:
+    async with httpx.AsyncClient(base_url=engine_url, timeout=None, limits=httpx.Limits(max_keepalive_connections=0)) as client:
         for i in range(repeats + 1):
             body = {"prompt": prompt, "n_predict": n_gen, "samplers": ["temperature", "top_p"], "temperature": 1.0,
                     "top_p": 1.0, "seed": i, "cache_prompt": False, "ignore_eos": True}
