@@ -33,6 +33,7 @@ class BackendConfig:
     ctx: int = 4096  # tokens per request (prompt + completion)
     parallel: int = 4  # requests generating at once
     threads: int | None = None  # CPU threads for the engine (None: the engine's default)
+    sample_on_device: bool = False  # llamacpp: sample in the compute graph (llama.cpp's backend sampling)
     dtype: str = "auto"
 
     @property

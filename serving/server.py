@@ -14,7 +14,7 @@ DEVICE = re.compile(r"^(cpu|cuda:\d+)$")
 
 
 def resolve_config(*, backend: str, model: str, adapter: str | None, quant: str | None, device: str, ctx: int,
-                   parallel: int, threads: int | None, dtype: str) -> BackendConfig:
+                   parallel: int, threads: int | None, dtype: str, sample_on_device: bool = False) -> BackendConfig:
     """Check every flag and report all problems at once; find the model through the stage records."""
     problems: list[str] = []
     if backend not in BACKENDS:
@@ -26,6 +26,10 @@ def resolve_config(*, backend: str, model: str, adapter: str | None, quant: str 
             problems.append(f"{flag} must be an integer >= {low}, got {value!r}")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         problems.append(f"--threads must be a positive integer, got {threads!r}")
+    if not isinstance(sample_on_device, bool):
+        problems.append(f"--sample-on-device is a switch (true/false), got {sample_on_device!r}")
+    elif sample_on_device and backend != "llamacpp":
+        problems.append("--sample-on-device is for the llamacpp backend")
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
         problems.append(f"--dtype must be auto, bfloat16, float16 or float32, got {dtype!r}")
     if adapter is not None and not (Path(str(adapter)).expanduser() / "adapter_config.json").is_file():
@@ -47,7 +51,8 @@ def resolve_config(*, backend: str, model: str, adapter: str | None, quant: str 
     if problems:
         raise ServeError("; ".join(problems))
     return BackendConfig(model=resolved.model, adapter=resolved.adapter, revision=resolved.revision, source=resolved.source,
-                         device=device, ctx=ctx, parallel=parallel, threads=threads, dtype=dtype)
+                         device=device, ctx=ctx, parallel=parallel, threads=threads, dtype=dtype,
+                         sample_on_device=sample_on_device)
 
 
 def serve(
@@ -64,6 +69,7 @@ def serve(
     queue: int | None = None,
     threads: int | None = None,
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto",
+    sample_on_device: bool = False,
     model_name: str | None = None,
     debug: bool = False,
     log_level: str = "info",
@@ -83,6 +89,7 @@ def serve(
         queue: admitted requests that may wait for a slot (default 2 x parallel); beyond that 429 + Retry-After.
         threads: CPU threads for the engine (default: the engine's choice).
         dtype: transformers weights dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32.
+        sample_on_device: llamacpp: sample inside the compute graph on the GPU (llama.cpp's experimental backend sampling) instead of on the server's CPU thread, slot by slot.
         model_name: the model id clients pass (default: the model file or folder name).
         debug: add gptoss_debug.prompt (the prompt text the engine received) to responses.
         log_level: uvicorn log level.
@@ -92,7 +99,7 @@ def serve(
     from serving.api import create_app
 
     config = resolve_config(backend=backend, model=model, adapter=adapter, quant=quant, device=device, ctx=ctx,
-                            parallel=parallel, threads=threads, dtype=dtype)
+                            parallel=parallel, threads=threads, dtype=dtype, sample_on_device=sample_on_device)
     if queue is not None and (not isinstance(queue, int) or isinstance(queue, bool) or queue < 0):
         raise ServeError(f"--queue must be a non-negative integer, got {queue!r}")
     if not isinstance(port, int) or not 0 <= port <= 65535:
