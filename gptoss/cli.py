@@ -8,10 +8,12 @@ import fire
 
 from gptoss.errors import ToolchainError
 from gptoss.fixtures import fixture
+import training
 
 # The command table; README.md's "Commands" section lists the same names (tests/test_cli.py).
 COMMANDS = {
     "fixture": fixture,
+    "train": training.train,
 }
 
 
