@@ -216,9 +216,9 @@ class TransformersBackend(Backend):
     default_model = "openai/gpt-oss-20b"
 
     def problem(self, device: str) -> str | None:
-        try:
-            import peft  # noqa: F401
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:
             return "--backend transformers needs peft: pip install 'gptoss-toolchain[train]'"
         return None
 

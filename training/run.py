@@ -80,8 +80,6 @@ def environment_problems(values: dict[str, Any]) -> tuple[dict[str, Any], list[s
     if backend == "auto":
         unsloth_ok = device == "cuda" and importlib.util.find_spec("unsloth") is not None
         backend = "unsloth" if unsloth_ok else "transformers"
-        if device == "cuda" and not unsloth_ok:
-            log.warning("unsloth is not installed: using the transformers backend on CUDA (slower, more memory)")
     if backend in backends_mod.BACKENDS:
         problem = backends_mod.get_backend(backend).problem(device)
         if problem:
@@ -177,6 +175,8 @@ def resolve(overrides: dict[str, Any], resume: Any = None) -> tuple[TrainConfig,
     problems += env_problems
     if problems or cfg is None:
         raise ConfigError(problems)
+    if values.get("backend", "auto") == "auto" and resolved["device"] == "cuda" and resolved["backend"] != "unsloth":
+        log.warning("unsloth is not installed: using the transformers backend on CUDA (slower, more memory)")
     cfg = dataclasses.replace(cfg, **resolved)
     return cfg, resume_dir
 
@@ -237,9 +237,21 @@ def _peak_memory(device: str) -> dict[str, int | None]:
     return out
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (not the one at set-up time)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def _setup_logging() -> None:
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("gptoss train: %(message)s"))
         log.addHandler(handler)
         log.propagate = False
