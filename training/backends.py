@@ -140,6 +140,14 @@ def lora_targets(model, cfg) -> tuple[list[str], list[str]]:
     return modules, parameters
 
 
+def resolved_targets(peft_model) -> tuple[list[str], list[str]]:
+    """(target_modules, target_parameters) as PEFT recorded them after wrapping."""
+    pc = peft_model.peft_config["default"]
+    modules = pc.target_modules
+    modules = [modules] if isinstance(modules, str) else sorted(modules or [])
+    return modules, list(getattr(pc, "target_parameters", None) or [])
+
+
 # ---------------------------------------------------------------------------------------------
 # What got LoRA, by group
 
@@ -257,7 +265,7 @@ class TransformersBackend(Backend):
     def wrap(self, model, cfg):
         from peft import LoraConfig, get_peft_model
 
-        modules, parameters = self.targets = lora_targets(model, cfg)
+        modules, parameters = lora_targets(model, cfg)
         lora = LoraConfig(
             r=cfg.rank,
             lora_alpha=cfg.lora_alpha,
@@ -269,6 +277,7 @@ class TransformersBackend(Backend):
             target_parameters=parameters or None,
         )
         model = get_peft_model(model, lora)
+        self.targets = resolved_targets(model)
         model.train()
         return model
 
@@ -312,7 +321,12 @@ class UnslothBackend(Backend):
     def wrap(self, model, cfg):
         from unsloth import FastLanguageModel
 
-        modules, parameters = self.targets = lora_targets(model, cfg)
+        modules, parameters = lora_targets(model, cfg)
+        if expert_layout(model) == "split" and cfg.lora_targets != "attention":
+            # Unsloth maps the MLP names onto its per-expert modules (experts.gate_up_projs.<i>,
+            # experts.down_projs.<i>) and runs them through its fused MoE LoRA path; listing the
+            # 64 modules ourselves would route them around it. The check after wrapping verifies.
+            modules = [m for m in modules if m in ATTENTION_MODULES] + ["gate_proj", "up_proj", "down_proj"]
         gc = {"unsloth": "unsloth", "on": True, "off": False}[cfg.gradient_checkpointing]
         model = FastLanguageModel.get_peft_model(
             model,
@@ -327,6 +341,7 @@ class UnslothBackend(Backend):
             use_rslora=cfg.use_rslora,
             max_seq_length=cfg.max_seq_length,
         )
+        self.targets = resolved_targets(model)
         model.train()
         return model
 

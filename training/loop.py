@@ -44,6 +44,7 @@ class TrainState:
     train_seconds: float = 0.0
     loss_history: list = dataclasses.field(default_factory=list)  # [step, loss]
     eval_history: list = dataclasses.field(default_factory=list)
+    step_history: list = dataclasses.field(default_factory=list)  # [step, seconds, input tokens]
 
     @property
     def tokens_per_second(self) -> float:
@@ -220,6 +221,7 @@ def train_loop(model, backend, data, cfg, run_dir: Path, monitor, *, pad_id: int
         state.supervised_tokens += n_sup
         state.train_seconds += dt
         state.loss_history.append([state.step, loss])
+        state.step_history.append([state.step, round(dt, 4), n_tok])
         monitor.step(state.step, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_second": n_tok / dt})
         if data.eval and (state.step % eval_every == 0 or state.step == cfg.max_steps):
             eval_loss = evaluate(model, backend, data.eval, cfg, pad_id, device)

@@ -249,6 +249,20 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def _steady_state(history: list) -> dict[str, Any]:
+    """Median step time and throughput over the steps after the first (warm-up) one."""
+    rows = history[1:] or history
+    if not rows:
+        return {}
+    times = sorted(r[1] for r in rows)
+    rates = sorted(r[2] / r[1] for r in rows if r[1] > 0)
+    return {
+        "steps": len(rows),
+        "median_step_seconds": times[len(times) // 2],
+        "median_tokens_per_second": round(rates[len(rates) // 2], 2) if rates else 0.0,
+    }
+
+
 def _setup_logging() -> None:
     if not log.handlers:
         handler = _StderrHandler()
@@ -378,6 +392,7 @@ def _train_and_finish(cfg, backend, tokenizer, data, data_record, run_dir: Path,
         "train_seconds": round(state.train_seconds, 3),
         "seconds_per_step": round(state.train_seconds / max(state.step, 1), 4),
         "tokens_per_second": round(state.tokens_per_second, 2),
+        "steady_state": _steady_state(state.step_history),
         "model_load_seconds": round(load_seconds, 2),
         "loss": summary,
         "peak_memory": _peak_memory(cfg.device),
