@@ -233,3 +233,38 @@ def test_source_resolution(tmp_path):
     (tmp_path / "d.csv").write_text("a,b\n")
     with pytest.raises(D.DataError, match=r"unknown file type '\.csv'; known: \.jsonl, \.parquet"):
         D.resolve_source(str(tmp_path / "d.csv"))
+
+
+def test_hub_dataset_rows_and_errors(monkeypatch, tokenizer):
+    """The Hub path. Mocked: the Hub is unreachable here, so datasets.load_dataset returns an
+    in-memory Dataset shaped like HuggingFaceH4/Multilingual-Thinking (extra columns included)."""
+    import datasets
+
+    rows = [json.loads(line) for line in TRAIN_JSONL.read_text().splitlines()]
+    hub_rows = [{"reasoning_language": r["reasoning_language"], "developer": "x", "user": "y", "analysis": "a",
+                 "final": "f", "messages": r["messages"]} for r in rows]
+    calls = []
+
+    def fake_load_dataset(name, split=None, revision=None):
+        calls.append((name, split, revision))
+        return datasets.Dataset.from_list(hub_rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    source = D.resolve_source("HuggingFaceH4/Multilingual-Thinking", split="train", revision="main")
+    prepared = D.prepare(source, tokenizer, max_seq_length=1024)
+    assert calls == [("HuggingFaceH4/Multilingual-Thinking", "train", "main")]
+    assert prepared.stats["kept"] == 8
+    assert prepared.record()["id"] == "HuggingFaceH4/Multilingual-Thinking" and prepared.record()["path"] is None
+    local = D.prepare(D.resolve_source(str(TRAIN_JSONL)), tokenizer, max_seq_length=1024)
+    assert [e.labels for e in prepared.train] == [e.labels for e in local.train]
+
+    hub_rows[2]["messages"] = hub_rows[2]["messages"][:2]  # no answer
+    with pytest.raises(D.DataError, match=r"HuggingFaceH4/Multilingual-Thinking \(split train\) row 3: field 'messages\[1\]\.role'"):
+        D.prepare(source, tokenizer, max_seq_length=1024)
+
+    def offline(*a, **k):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(D.DataError, match=r"could not load split 'train' from the Hugging Face Hub \(ConnectionError: no route to host\)"):
+        D.prepare(source, tokenizer, max_seq_length=1024)

@@ -15,7 +15,7 @@ from _train_support import FAST, TRAIN_JSONL, cli, memorisable_model, tiny_model
 def quick_run(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("quick") / "models"
     args = ["train", "--profile", "quick_test", "--model", tiny_model, "--dataset", TRAIN_JSONL, "--max-steps", "5",
-            "--output-dir", out, "--save-steps", "2", "--keep-checkpoints", "2", *FAST]
+            "--output-dir", out, "--save-steps", "2", "--keep-checkpoints", "2", "--eval-fraction", "0.25", *FAST]
     assert cli(*args) == 0
     return out
 
@@ -45,6 +45,9 @@ def test_quick_test_writes_the_run_layout(quick_run, tiny_model):
     assert info["backend"] == "transformers" and info["steps"] == 5
     assert info["dataset"]["path"] == str(TRAIN_JSONL) and len(info["dataset"]["content_sha256"]) == 64
     assert info["dataset"]["rows"]["kept"] == 8
+    assert (info["dataset"]["train_examples"], info["dataset"]["eval_examples"]) == (6, 2)
+    assert [s for s, _ in info["loss"]["eval"]["history"]] == [2, 4, 5]  # every checkpoint and the end
+    assert all(loss > 0 for _, loss in info["loss"]["eval"]["history"])
     assert info["tokens_per_second"] > 0 and info["seconds_per_step"] > 0
     assert info["peak_memory"]["cpu_rss_bytes"] > 0 and info["peak_memory"]["cuda_allocated_bytes"] is None
     assert [s for s, _ in info["loss"]["history"]] == [1, 2, 3, 4, 5]

@@ -44,6 +44,7 @@ class Source:
     name: str  # file path or Hub id
     split: str | None = None
     revision: str | None = None
+    found: dict = dataclasses.field(default_factory=dict, compare=False)  # what reading learnt (Hub commit)
 
     def where(self, row: int) -> str:
         if self.kind == "hub":
@@ -108,8 +109,21 @@ def read_hub(source: Source) -> Iterator[tuple[int, Any]]:
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the id, the split and your "
             f"network/HF_TOKEN, or pass a local .jsonl/.parquet file"
         ) from e
+    source.found["revision"] = _hub_commit(ds)
     for i, row in enumerate(ds, start=1):
         yield i, row
+
+
+def _hub_commit(ds) -> str | None:
+    """The dataset repo commit the data came from, as recorded in the files datasets downloaded."""
+    import re
+
+    urls = list(getattr(ds.info, "download_checksums", None) or {}) + [f.get("filename", "") for f in getattr(ds, "cache_files", [])]
+    for url in urls:
+        m = re.search(r"@([0-9a-f]{40})/", str(url))
+        if m:
+            return m.group(1)
+    return None
 
 
 class _BadRow:
@@ -346,15 +360,6 @@ def _file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _hub_revision(source: Source) -> str | None:
-    try:
-        from huggingface_hub import HfApi
-
-        return HfApi().dataset_info(source.name, revision=source.revision).sha
-    except Exception:  # offline or private: the record says None
-        return None
-
-
 def prepare(
     source: Source,
     tokenizer,
@@ -438,5 +443,5 @@ def prepare(
         stats=stats,
         content_sha256=content.hexdigest(),
         file_sha256=_file_sha256(source.name) if source.kind != "hub" else None,
-        hub_revision=_hub_revision(source) if source.kind == "hub" else None,
+        hub_revision=source.found.get("revision"),
     )
