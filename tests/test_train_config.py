@@ -171,3 +171,17 @@ def test_latest_must_be_a_link(tmp_path, tiny_model, capsys):
     (tmp_path / "models" / "latest").mkdir(parents=True)
     rc = cli("train", "--model", tiny_model, "--dataset", TRAIN_JSONL, "--output-dir", tmp_path / "models")
     assert rc == 2 and "latest exists and is not a symlink" in capsys.readouterr().err
+
+
+def test_model_that_cannot_load_leaves_nothing(tmp_path, tiny_model, models_dir, capsys):
+    """Checked after the data (the tokenizer loads): the weights are missing, so the model load
+    fails before the run directory is created."""
+    import shutil
+
+    broken = tmp_path / "no-weights"
+    shutil.copytree(tiny_model, broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    rc = cli("train", "--profile", "quick_test", "--model", broken, "--dataset", TRAIN_JSONL, "--output-dir", models_dir)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("gptoss: error:") == 1
+    assert f"--model {broken}: cannot load the checkpoint" in err
+    _assert_untouched(models_dir)

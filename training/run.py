@@ -310,13 +310,15 @@ def run(overrides: dict[str, Any], *, resume: Any = None) -> Path:
                 f"--resume {resume_dir}: the dataset changed since the run started "
                 f"(sha256 {saved['content_sha256'][:12]} then, {data.content_sha256[:12]} now); start a new run"
             )
-        run_dir = resume_dir
-        found = loop.checkpoints(run_dir)
+        found = loop.checkpoints(resume_dir)
         resume_from = found[-1] if found else None
         if resume_from is None:
-            log.warning("%s has no complete checkpoint yet: starting it again from step 0", run_dir)
-    else:
-        run_dir = _new_run_dir(cfg)
+            log.warning("%s has no complete checkpoint yet: starting it again from step 0", resume_dir)
+
+    # The model is loaded and checked before the run directory exists: a failure here leaves nothing behind.
+    model, groups_start, load_seconds = _load_model(cfg, backend)
+
+    run_dir = resume_dir if resume_dir is not None else _new_run_dir(cfg)
     _write_json(run_dir / CONFIG_FILE, cfg.to_dict())
     _write_json(run_dir / DATA_FILE, data_record)
     file_log = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
@@ -325,27 +327,39 @@ def run(overrides: dict[str, Any], *, resume: Any = None) -> Path:
     log.addHandler(file_log)
     started = dt.datetime.now(dt.timezone.utc)
     log.info("run directory %s", run_dir)
+    backends_mod.log_groups(groups_start, "LoRA")
     try:
-        return _train_and_finish(cfg, backend, tokenizer, data, data_record, run_dir, resume_from, started)
+        return _train_and_finish(cfg, backend, tokenizer, data, data_record, run_dir, resume_from, started,
+                                 model=model, groups_start=groups_start, load_seconds=load_seconds)
     finally:
         log.removeHandler(file_log)
         file_log.close()
 
 
-def _train_and_finish(cfg, backend, tokenizer, data, data_record, run_dir: Path, resume_from, started) -> Path:
+def _load_model(cfg: TrainConfig, backend):
+    """Base model with LoRA, its trainable parameters by group (experts checked), load time."""
     import torch
-
-    from training import loop
-    from training.monitor import Monitor, loss_summary
 
     torch.manual_seed(cfg.seed)
     t_load = time.perf_counter()
-    model = backend.load(cfg)
+    try:
+        model = backend.load(cfg)
+    except OSError as e:  # missing/corrupt files, unknown Hub id, no network
+        raise ToolchainError(
+            f"--model {cfg.model}: cannot load the checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+            f"check the id/path, your network and HF_TOKEN"
+        ) from e
     model = backend.wrap(model, cfg)
     load_seconds = time.perf_counter() - t_load
-    groups_start = backends_mod.lora_groups(model)
-    backends_mod.log_groups(groups_start, "LoRA")
-    backends_mod.check_expert_lora(groups_start, cfg)
+    groups = backends_mod.lora_groups(model)
+    backends_mod.check_expert_lora(groups, cfg)  # its error lists the counts
+    return model, groups, load_seconds
+
+
+def _train_and_finish(cfg, backend, tokenizer, data, data_record, run_dir: Path, resume_from, started, *,
+                      model, groups_start, load_seconds) -> Path:
+    from training import loop
+    from training.monitor import Monitor, loss_summary
 
     name = run_dir.name[: -len(PARTIAL_SUFFIX)] if run_dir.name.endswith(PARTIAL_SUFFIX) else run_dir.name
     start_step = json.loads((resume_from / loop.STATE_FILE).read_text())["step"] if resume_from else 0
