@@ -12,7 +12,8 @@ whose rows are --seq tokens long, then runs ``gptoss train`` once per backend in
 - with two or more depths: peak VRAM per layer and an extrapolation to gpt-oss-20b's 24 layers,
   with the arithmetic spelled out.
 
-    PYTHONPATH=$PWD:$PWD/.gpu_site python3 bench/train_gpu.py --layers 2,4 --steps 12 --out $OUT
+    PYTHONPATH=$PWD:$PWD/.gpu_site GPTOSS_O200K_GZ=$PWD/.gpu_site/o200k_base.tiktoken.gz HF_HUB_OFFLINE=1 \
+        python3 bench/train_gpu.py --layers 2,4 --steps 12 --out $OUT
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import datetime as dt
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -66,6 +68,8 @@ def write_dataset(path: Path, *, rows: int, seq: int, seed: int = 0) -> None:
 
 def run_backend(backend: str, model: Path, data: Path, out: Path, args) -> dict:
     run_name = f"bench-{backend}"
+    for old in (out / run_name, out / f"{run_name}.partial"):
+        shutil.rmtree(old, ignore_errors=True)
     cmd = [
         sys.executable, "-m", "gptoss", "train", "--backend", backend, "--device", args.device, "--model", str(model),
         "--dataset", str(data), "--profile", "standard", "--max-steps", str(args.steps),
@@ -150,18 +154,20 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--backends", default="unsloth,transformers")
-    parser.add_argument("--out", default=os.environ.get("OUT") or "/tmp/gptoss-bench-train")
-    parser.add_argument("--fixtures", default=None, help="where to keep fixtures (default: --out/fixtures)")
-    parser.add_argument("--timeout", type=int, default=900, help="seconds per training run")
+    parser.add_argument("--out", default=os.environ.get("OUT") or "/tmp/gptoss-bench-train/out",
+                        help="where train_gpu.json and the run logs go (small files only)")
+    parser.add_argument("--work", default="/tmp/gptoss-bench-train", help="fixtures, data and runs (GBs)")
+    parser.add_argument("--timeout", type=int, default=480, help="seconds per training run")
     parser.add_argument("--fixture", default="geometry-20b", help="fixture kind (tiny: a CPU smoke test of this script)")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
 
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    fixtures = Path(args.fixtures or out / "fixtures").absolute()
+    work = Path(args.work).absolute()
+    fixtures = work / "fixtures"
     fixtures.mkdir(parents=True, exist_ok=True)
-    data = out / f"bench_seq{args.seq}.jsonl"
+    data = work / f"bench_seq{args.seq}.jsonl"
     if not data.is_file():
         write_dataset(data, rows=args.rows, seq=args.seq)
 
@@ -170,14 +176,26 @@ def main() -> int:
         model = fixtures / f"{args.fixture}-L{layers}"
         if not (model / "config.json").is_file():
             subprocess.run([sys.executable, "-m", "gptoss", "fixture", args.fixture, "--layers", str(layers),
-                            "--out", str(model), "--force"], check=True, cwd=REPO)
+                            "--out", str(model), "--force"], check=True, cwd=REPO, stdout=sys.stderr)
         for backend in args.backends.split(","):
-            runs = out / f"runs-L{layers}"
+            runs = work / f"runs-L{layers}"
             runs.mkdir(exist_ok=True)
             r = run_backend(backend, model, data, runs, args)
+            shutil.copy(runs / f"bench-{backend}.log", out / f"train-L{layers}-{backend}.log")
+            info = runs / f"bench-{backend}" / "training_info.json"
+            if info.is_file():
+                shutil.copy(info, out / f"training_info-L{layers}-{backend}.json")
             r["layers"] = layers
             results.append(r)
             print(json.dumps({k: r.get(k) for k in ("layers", "backend", "ok", "step_seconds_median", "peak_vram_allocated_gib")}), file=sys.stderr)
+
+    # Results accumulate across invocations (one depth per call keeps each call short).
+    store = work / "results.json"
+    previous = json.loads(store.read_text()) if store.is_file() else []
+    fresh = {(r["layers"], r["backend"]) for r in results}
+    results = [r for r in previous if (r["layers"], r["backend"]) not in fresh] + results
+    results.sort(key=lambda r: (r["layers"], r["backend"]))
+    store.write_text(json.dumps(results, indent=1))
 
     ratios = {}
     for layers in sorted({r["layers"] for r in results}):
