@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,18 +18,14 @@ TRAIN_JSONL = DATA / "train_tiny.jsonl"
 _BUILT: dict[str, Path] = {}
 
 
-def _build_tiny() -> Path:
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    # Imported into several test modules, so pytest sees several fixtures: build once per process.
     if "tiny" not in _BUILT:
         from gptoss.fixtures import fixture
 
-        root = Path(tempfile.mkdtemp(prefix="gptoss-train-tests-"))
-        _BUILT["tiny"] = Path(fixture("tiny", out=str(root / "tiny")))
+        _BUILT["tiny"] = Path(fixture("tiny", out=str(tmp_path_factory.mktemp("train-fixtures") / "tiny")))
     return _BUILT["tiny"]
-
-
-@pytest.fixture(scope="session")
-def tiny_model() -> Path:
-    return _build_tiny()
 
 
 @pytest.fixture(scope="session")
