@@ -15,6 +15,7 @@ from gptoss.errors import ToolchainError
 # so the torch-free serving image never imports the trainer.
 COMMANDS = {
     "fixture": "gptoss.fixtures:fixture",
+    "train": "training:train",
     "modelfile": "modelfiles:write",
     "publish": "exporters.publish:publish",
 }
