@@ -1,7 +1,6 @@
 """Shared pieces of the training tests (imported by tests/test_train_*.py).
 
-``tiny_model`` stands in for the session fixture that tests/conftest.py will provide: the seeded
-tiny gpt-oss fixture, built once per test process.
+``tiny_model`` is the session fixture of tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -14,18 +13,8 @@ import pytest
 
 DATA = Path(__file__).parent / "data"
 TRAIN_JSONL = DATA / "train_tiny.jsonl"
-
+# Imported into several test modules, so pytest sees several fixtures: build once per process.
 _BUILT: dict[str, Path] = {}
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    # Imported into several test modules, so pytest sees several fixtures: build once per process.
-    if "tiny" not in _BUILT:
-        from gptoss.fixtures import fixture
-
-        _BUILT["tiny"] = Path(fixture("tiny", out=str(tmp_path_factory.mktemp("train-fixtures") / "tiny")))
-    return _BUILT["tiny"]
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import typing
 from pathlib import Path
 
 import pytest
-from _train_support import TRAIN_JSONL, cli, tiny_model  # noqa: F401  (fixture)
+from _train_support import TRAIN_JSONL, cli
 
 from training import config as C
 from training.run import train

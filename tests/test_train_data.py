@@ -6,7 +6,7 @@ import json
 
 import openai_harmony as oh
 import pytest
-from _train_support import TRAIN_JSONL, tokenizer  # noqa: F401  (fixture)
+from _train_support import TRAIN_JSONL, tokenizer
 
 from gptoss import harmony
 from training import data as D

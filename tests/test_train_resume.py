@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from _train_support import FAST, TRAIN_JSONL, cli, tiny_model  # noqa: F401  (fixture)
+from _train_support import FAST, TRAIN_JSONL, cli
 
 from training import loop
 

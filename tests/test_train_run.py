@@ -8,7 +8,7 @@ import os
 import re
 
 import pytest
-from _train_support import FAST, TRAIN_JSONL, cli, memorisable_model, tiny_model  # noqa: F401  (fixtures)
+from _train_support import FAST, TRAIN_JSONL, cli, memorisable_model  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
