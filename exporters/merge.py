@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from exporters import records
-from exporters.adapter import LoraAdapter
+from exporters.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter
 from exporters.checkpoint import TOKENIZER_FILES, BaseCheckpoint, resolve_model_dir
 from exporters.errors import AdapterMismatchError, DiskSpaceError, ExportStageError, FourBitMergeError
 from exporters.runs import MERGED_DIR, MergeInputs, export_root, resolve_inputs
@@ -99,8 +99,9 @@ def _source_digests(base: BaseCheckpoint, adapter: LoraAdapter, known: dict | No
     ka = (known.get("adapter") or {}).get("files", {})
     return {
         "base": {"files": {n: records.file_digest(base.path / n, kb.get(n)) for n in base_files}},
-        "adapter": {"files": {n.name: records.file_digest(n, ka.get(n.name))
-                              for n in sorted(adapter.path.iterdir()) if n.is_file()}},
+        "adapter": {"files": {n: records.file_digest(adapter.path / n, ka.get(n))
+                              for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, *TOKENIZER_FILES)
+                              if (adapter.path / n).is_file()}},
     }
 
 
@@ -137,19 +138,49 @@ def _copy_side_files(base: BaseCheckpoint, adapter: LoraAdapter, out: Path) -> d
     return copied
 
 
-def merge_checkpoint(inputs: MergeInputs, out: Path, *, dtype: str = "bfloat16", max_shard_size: str | int = "5GB",
-                     force: bool = False, progress: bool = True, command: str | None = None) -> MergeResult:
-    """Merge ``inputs`` into ``out`` (a folder created under a temporary name and renamed at the end)."""
-    from tqdm.auto import tqdm
+@dataclasses.dataclass
+class MergePlan:
+    """Everything checked and decided before the first byte is written."""
 
+    inputs: MergeInputs
+    out: Path
+    out_dtype: str
+    shard_bytes: int
+    adapter: LoraAdapter
+    base: BaseCheckpoint
+    deltas: dict
+    inputs_record: dict
+    old_record: dict | None
+    entries: list[Entry]
+    source_shard: dict[str, str]
+
+    @property
+    def up_to_date(self) -> bool:
+        old = self.old_record
+        return bool(old) and old.get("format") == RECORD_FORMAT and records.same_content(old.get("inputs"),
+                                                                                           self.inputs_record)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    @property
+    def identity(self) -> str:
+        """A hash of what the merge is made from (base and adapter contents, dtype)."""
+        return records.identity(self.inputs_record)
+
+
+def prepare_merge(inputs: MergeInputs, out: Path, *, dtype: str = "bfloat16",
+                  max_shard_size: str | int = "5GB") -> MergePlan:
+    """Validate the adapter against the base and plan the output; raises before anything is written."""
     out_dtype = check_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     adapter = LoraAdapter(inputs.adapter_dir)
     base_dir, revision = resolve_model_dir(inputs.base, revision=inputs.base_revision)
     base = BaseCheckpoint(base_dir)
     check_vocab(adapter, base)
-    plan = adapter.plan({n: s.shape for n, s in base.tensors.items()})
-
+    deltas = adapter.plan({n: s.shape for n, s in base.tensors.items()})
+    out = Path(out).absolute()
     old = records.read_json(out / MERGE_RECORD) if out.is_dir() else None
     digests = _source_digests(base, adapter, old.get("inputs") if old else None)
     inputs_record = {
@@ -159,9 +190,6 @@ def merge_checkpoint(inputs: MergeInputs, out: Path, *, dtype: str = "bfloat16",
         "dtype": out_dtype,
         "max_shard_bytes": shard_bytes,
     }
-    if old and not force and old.get("format") == RECORD_FORMAT and records.same_content(old.get("inputs"), inputs_record):
-        return MergeResult(out, True, old)
-
     # Output tensors in base shard order, so reads stay sequential and one base shard is mapped at a time.
     entries, source_shard = [], {}
     for shard, specs in base.tensors_by_shard():
@@ -169,18 +197,26 @@ def merge_checkpoint(inputs: MergeInputs, out: Path, *, dtype: str = "bfloat16",
             is_float = spec.quantized or spec.dtype in ("F64", "F32", "F16", "BF16")
             entries.append(Entry(spec.name, out_dtype if is_float else spec.dtype, spec.shape))
             source_shard[spec.name] = shard
-    shards = plan_shards(entries, shard_bytes)
-    total = sum(e.nbytes for e in entries)
-    out = out.absolute()
-    need = int(total * 1.02)  # the old merge (if any) stays until the new one is complete
-    free = records.free_bytes(out.parent)
-    if free < need:
-        raise DiskSpaceError(f"merging needs about {records.human(need)} in {out.parent} but only "
-                             f"{records.human(free)} is free; free space or pass --out on a larger disk")
+    return MergePlan(inputs, out, out_dtype, shard_bytes, adapter, base, deltas, inputs_record, old, entries,
+                     source_shard)
 
+
+def run_merge(mp: MergePlan, *, progress: bool = True, command: str | None = None,
+              check_disk: bool = True) -> MergeResult:
+    """Write the merge planned in ``mp`` (under a temporary name; renamed when complete)."""
     import torch
+    from tqdm.auto import tqdm
 
-    weights = adapter.load_weights()
+    out, base, adapter, plan = mp.out, mp.base, mp.adapter, mp.deltas
+    shards = plan_shards(mp.entries, mp.shard_bytes)
+    total = mp.total_bytes
+    if check_disk:
+        need = int(total * 1.02)  # the old merge (if any) stays until the new one is complete
+        free = records.free_bytes(out.parent)
+        if free < need:
+            raise DiskSpaceError(f"merging needs about {records.human(need)} in {out.parent} but only "
+                                 f"{records.human(free)} is free; free space or pass --out on a larger disk")
+    weights = mp.adapter.load_weights()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     start = time.perf_counter()
@@ -195,9 +231,9 @@ def merge_checkpoint(inputs: MergeInputs, out: Path, *, dtype: str = "bfloat16",
             writer = ShardWriter(tmp / fname, shard, metadata={"format": "pt"})
             try:
                 for e in shard:
-                    if current_source not in (None, source_shard[e.name]):
+                    if current_source not in (None, mp.source_shard[e.name]):
                         base.release(current_source)  # unmap what we are done with
-                    current_source = source_shard[e.name]
+                    current_source = mp.source_shard[e.name]
                     t = base.load(e.name)
                     if e.name in plan or e.name in adapter.replacements:
                         if e.name in adapter.replacements:
@@ -221,16 +257,17 @@ def merge_checkpoint(inputs: MergeInputs, out: Path, *, dtype: str = "bfloat16",
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        _write_config(base, tmp, out_dtype)
+        _write_config(base, tmp, mp.out_dtype)
         side = _copy_side_files(base, adapter, tmp)
-        kinds = {}
+        kinds: dict[str, int] = {}
         for deltas in plan.values():
             for d in deltas:
                 kinds[d.kind] = kinds.get(d.kind, 0) + 1
         record = {
             "format": RECORD_FORMAT,
-            "inputs": inputs_record,
-            "run": inputs.name,
+            "inputs": mp.inputs_record,
+            "identity": mp.identity,
+            "run": mp.inputs.name,
             "adapter_base_model": adapter.base_model,
             "lora": {"r": adapter.config.get("r"), "lora_alpha": adapter.config.get("lora_alpha"),
                      "target_modules": adapter.config.get("target_modules"),
@@ -256,6 +293,15 @@ def merge_checkpoint(inputs: MergeInputs, out: Path, *, dtype: str = "bfloat16",
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return MergeResult(out, False, record)
+
+
+def merge_checkpoint(inputs: MergeInputs, out: Path, *, dtype: str = "bfloat16", max_shard_size: str | int = "5GB",
+                     force: bool = False, progress: bool = True, command: str | None = None) -> MergeResult:
+    """Merge ``inputs`` into ``out`` unless ``out`` already holds the same merge."""
+    mp = prepare_merge(inputs, out, dtype=dtype, max_shard_size=max_shard_size)
+    if mp.up_to_date and not force:
+        return MergeResult(mp.out, True, mp.old_record)
+    return run_merge(mp, progress=progress, command=command)
 
 
 def merge(run: str | None = None, *, base: str | None = None, adapter: str | None = None, out: str | None = None,

@@ -45,15 +45,20 @@ def file_digest(path: str | os.PathLike, known: dict | None = None) -> dict:
     return digest
 
 
+_NOT_CONTENT = ("mtime_ns", "path")  # where and when a file is does not change what it holds
+
+
+def _content(x):
+    if isinstance(x, dict):
+        return {k: _content(v) for k, v in sorted(x.items()) if k not in _NOT_CONTENT}
+    if isinstance(x, list):
+        return [_content(v) for v in x]
+    return x
+
+
 def same_content(a: dict | None, b: dict | None) -> bool:
-    """Digests (or dicts of digests) equal in what matters: sizes and hashes, not mtimes."""
-
-    def strip(x):
-        if isinstance(x, dict):
-            return {k: strip(v) for k, v in x.items() if k != "mtime_ns"}
-        return x
-
-    return a is not None and b is not None and strip(a) == strip(b)
+    """Records equal in what matters (sizes, hashes, settings), not in mtimes or folder paths."""
+    return a is not None and b is not None and _content(a) == _content(b)
 
 
 def write_json_atomic(path: str | os.PathLike, data) -> None:
@@ -115,3 +120,8 @@ def human(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return f"{n} B"
+
+
+def identity(record: dict) -> str:
+    """sha256 of a record's content (mtimes and paths left out): names what an artifact was made from."""
+    return hashlib.sha256(json.dumps(_content(record), sort_keys=True).encode()).hexdigest()

@@ -8,10 +8,14 @@ import fire
 
 from gptoss.errors import ToolchainError
 from gptoss.fixtures import fixture
+from exporters.export import export
+from exporters.merge import merge
 
 # The command table; README.md's "Commands" section lists the same names (tests/test_cli.py).
 COMMANDS = {
     "fixture": fixture,
+    "merge": merge,
+    "export": export,
 }
 
 
