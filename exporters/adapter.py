@@ -35,7 +35,7 @@ _UNSUPPORTED = {
     "layer_replication": "layer_replication",
     "trainable_token_indices": "trainable_token_indices",
 }
-MAX_LISTED = 8
+MAX_LISTED = 4
 
 
 def _pattern_key(patterns, key: str) -> str | None:
@@ -182,11 +182,11 @@ class LoraAdapter:
                         if self._fits(pair, base_shapes[name], rank):
                             fits.append((name, rank, scaling))
                     if len(fits) != 1:
-                        shapes = ", ".join(f"{n} {list(base_shapes[n])}" for n in free)
+                        shapes = ", ".join(f"{n[len(module) + 1:]} {list(base_shapes[n])}" for n in free)
+                        r = self.rank_and_scaling(free[0])[0] if free else self.config["r"]
                         problems.append(
-                            f"{pair.a_key}/{pair.b_key} (A {list(pair.a_shape)}, B {list(pair.b_shape)}) "
-                            + ("fits none of " if not fits else "fits several of ") + shapes
-                            + f" with r={self.rank_and_scaling(free[0])[0] if free else self.config['r']}"
+                            f"{module}{'.base_layer' * pair.depth} lora A {list(pair.a_shape)}, B {list(pair.b_shape)} "
+                            + ("fits none of " if not fits else "fits several of ") + f"the base's {shapes} (r={r})"
                         )
                         continue
                     name, rank, scaling = fits[0]
@@ -196,7 +196,7 @@ class LoraAdapter:
                 continue
             target = module + ".weight"
             if target not in base_shapes:
-                problems.append(f"{pairs[0].a_key}: the base has no {target} (adapter made for another model?)")
+                problems.append(f"the base has no {target} (adapter targets {module})")
                 continue
             for pair in pairs:
                 rank, scaling = self.rank_and_scaling(module)
@@ -204,8 +204,8 @@ class LoraAdapter:
                     problems.append(f"{pair.a_key}: {target} has shape {list(base_shapes[target])}, not a Linear weight")
                 elif not self._fits(pair, base_shapes[target], rank):
                     problems.append(
-                        f"{pair.a_key}/{pair.b_key} (A {list(pair.a_shape)}, B {list(pair.b_shape)}) do not fit "
-                        f"{target} {list(base_shapes[target])} with r={rank}"
+                        f"{module} lora A {list(pair.a_shape)}, B {list(pair.b_shape)} do not fit the base's "
+                        f"{target} {list(base_shapes[target])} (r={rank})"
                     )
                 else:
                     plan.setdefault(target, []).append(Delta(target, pair, "linear", rank, scaling))
