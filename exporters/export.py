@@ -17,14 +17,18 @@ import sys
 import time
 from pathlib import Path
 
+from typing import Literal
+
 from exporters import fidelity as fid
 from exporters import gguf as gg
+from exporters.gguf import QuantizeBackend
 from exporters import records
 from exporters.errors import DiskSpaceError, ExportStageError, MissingFilesError
 from exporters.merge import MERGE_RECORD, MergePlan, prepare_merge, run_merge
 from exporters.quants import QUANTS, Quant, get_quant, parse_quants
 from exporters.runs import GGUF_DIR, MERGED_DIR, export_root, resolve_inputs
 
+CompareHF = Literal["auto", "on", "off"]
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 RECORDS_DIR = ".records"
@@ -98,10 +102,10 @@ def _artifact_up_to_date(record: dict | None, inputs: dict, path: Path) -> bool:
     return f.get("size") == st.st_size and f.get("mtime_ns") == st.st_mtime_ns
 
 
-def _hf_check_wanted(hf_check: str, merged_bytes: int) -> bool:
-    if hf_check == "on":
+def _compare_hf_wanted(compare_hf: str, merged_bytes: int) -> bool:
+    if compare_hf == "on":
         return True
-    if hf_check == "off":
+    if compare_hf == "off":
         return False
     avail = _mem_available()
     # float32 copy of the model plus logits: stay well inside available memory
@@ -110,8 +114,8 @@ def _hf_check_wanted(hf_check: str, merged_bytes: int) -> bool:
 
 def export(run: str | None = None, *, quants: str | tuple = "q4_k_m,q5_k_m", also: str | tuple = "",
            merged: str | None = None, base: str | None = None, adapter: str | None = None, name: str | None = None,
-           out: str | None = None, exports_dir: str | None = None, fidelity: bool = True, hf_check: str = "auto",
-           backend: str = "auto", threads: int | None = None, max_shard_size: str = "5GB", force: bool = False,
+           out: str | None = None, exports_dir: str | None = None, fidelity: bool = True, compare_hf: CompareHF = "auto",
+           backend: QuantizeBackend = "auto", threads: int | None = None, max_shard_size: str = "5GB", force: bool = False,
            progress: bool = True) -> str:
     """Merge a training run and export GGUF files (F16 always, plus the requested quants) with a manifest.
 
@@ -126,7 +130,7 @@ def export(run: str | None = None, *, quants: str | tuple = "q4_k_m,q5_k_m", als
         out: export folder (default exports/<run>); manifest.json is written there last.
         exports_dir: root of the exports tree (default ./exports).
         fidelity: measure logits fidelity of every file on the fixed Harmony prompt set.
-        hf_check: compare F16 with the merged HF model in transformers: auto (when it fits in RAM), on, off.
+        compare_hf: compare F16 with the merged HF model in transformers: auto (when it fits in RAM), on, off.
         backend: quantizer: auto (llama-quantize if built, else llama-cpp-python), tool, python.
         threads: CPU threads for quantizing and fidelity runs (default: all).
         max_shard_size: largest merged safetensors shard, e.g. 5GB.
@@ -136,7 +140,7 @@ def export(run: str | None = None, *, quants: str | tuple = "q4_k_m,q5_k_m", als
         The path of manifest.json.
     """
     result = export_run(run, quants=quants, also=also, merged=merged, base=base, adapter=adapter, name=name, out=out,
-                        exports_dir=exports_dir, fidelity=fidelity, hf_check=hf_check, backend=backend,
+                        exports_dir=exports_dir, fidelity=fidelity, compare_hf=compare_hf, backend=backend,
                         threads=threads, max_shard_size=max_shard_size, force=force, progress=progress)
     _print_report(result.manifest, sys.stderr)
     return str(result.manifest_path)
@@ -144,7 +148,7 @@ def export(run: str | None = None, *, quants: str | tuple = "q4_k_m,q5_k_m", als
 
 def export_run(run: str | None = None, *, quants="q4_k_m,q5_k_m", also="", merged: str | None = None,
                base: str | None = None, adapter: str | None = None, name: str | None = None, out: str | None = None,
-               exports_dir: str | None = None, fidelity: bool = True, hf_check: str = "auto", backend: str = "auto",
+               exports_dir: str | None = None, fidelity: bool = True, compare_hf: CompareHF = "auto", backend: QuantizeBackend = "auto",
                threads: int | None = None, max_shard_size: str = "5GB", force: bool = False,
                progress: bool = True) -> ExportResult:
     """`export` returning the manifest as a dict (for tests, benches and later stages)."""
@@ -153,8 +157,8 @@ def export_run(run: str | None = None, *, quants="q4_k_m,q5_k_m", also="", merge
     # 1. Validate every flag before touching anything.
     kinds = ["f16"] + [q for q in parse_quants(quants) + parse_quants(also) if q != "f16"]
     kinds = list(dict.fromkeys(kinds))
-    if hf_check not in ("auto", "on", "off"):
-        raise ExportStageError(f"--hf-check {hf_check!r}: choose auto, on or off")
+    if compare_hf not in ("auto", "on", "off"):
+        raise ExportStageError(f"--compare-hf {compare_hf!r}: choose auto, on or off")
     if backend not in ("auto", "tool", "python"):
         raise ExportStageError(f"--backend {backend!r}: choose auto, tool or python")
     mp: MergePlan | None = None
@@ -292,8 +296,8 @@ def export_run(run: str | None = None, *, quants="q4_k_m,q5_k_m", also="", merge
             for p in todo:
                 q = p["quant"]
                 if q.from_converter:
-                    if not _hf_check_wanted(hf_check, merged_bytes):
-                        p["record"]["fidelity"] = {"reference": None, "skipped": "hf_check off or model too large for RAM",
+                    if not _compare_hf_wanted(compare_hf, merged_bytes):
+                        p["record"]["fidelity"] = {"reference": None, "skipped": "--compare-hf off, or the model is too large for RAM",
                                                    "prompts_sha256": prompt_digest}
                         records.write_json_atomic(rec_dir / f"{p['path'].name}.json", p["record"])
                         continue
