@@ -246,8 +246,8 @@ class LoraAdapter:
             return {k: f.get_tensor(k).to(torch.float32) for k in f.keys()}
 
     @staticmethod
-    def delta(d: Delta, weights: dict):
-        """float32 delta in the base tensor's layout."""
+    def delta(d: Delta, weights: dict, expert: int | None = None):
+        """float32 delta in the base tensor's layout; for experts, one expert's ``(in, out)`` slice if given."""
         import torch
 
         a, b = weights[d.pair.a_key], weights[d.pair.b_key]
@@ -256,4 +256,6 @@ class LoraAdapter:
         experts = a.shape[0] // d.rank
         a3 = a.reshape(experts, d.rank, a.shape[-1])  # (E, r, in)
         b3 = b.reshape(b.shape[0], d.rank, experts)  # (out, r, E)
+        if expert is not None:  # einsum("o r, r i -> i o") for one expert
+            return (b3[:, :, expert] @ a3[expert]).T * d.scaling
         return torch.einsum("o r e, e r i -> e i o", b3, a3) * d.scaling

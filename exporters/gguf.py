@@ -182,10 +182,13 @@ def quantize(src: Path, out_path: Path, *, label: str, backend: QuantizeBackend 
             cmd = [str(tool), str(src), str(tmp), label, str(threads)]
             rc, lines, rss = _run_streaming(cmd, None, on_line)
             used = "llama-quantize"
-        else:
-            cmd = ["llama_cpp.llama_model_quantize", str(src), str(tmp), label, str(threads)]
-            rc, lines = _quantize_in_process(src, tmp, label, threads, on_line)
-            rss, used = None, "llama_cpp.llama_model_quantize"
+        else:  # the same llama_model_quantize inside llama-cpp-python, in a child process (isolated, measurable)
+            cmd = [sys.executable, "-m", "exporters.gguf", "quantize", str(src), str(tmp), label, str(threads)]
+            env = dict(os.environ)
+            package_root = str(Path(__file__).resolve().parents[1])
+            env["PYTHONPATH"] = os.pathsep.join([package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+            rc, lines, rss = _run_streaming(cmd, env, on_line)
+            used = "llama_cpp.llama_model_quantize"
         if rc != 0 or not tmp.is_file():
             tail = "\n".join(lines[-LOG_TAIL:])
             raise ConversionError(f"quantizing {src.name} to {label} failed ({used}, exit {rc}):\n{tail}")
@@ -358,3 +361,12 @@ def read_tensor(path: Path, name: str):
     rows = data.reshape(*reversed(t.shape[1:]), -1) if t.type in ("F32", "F16") else \
         data.reshape(*reversed(t.shape[1:]), t.shape[0] * type_size // block)
     return np.asarray(dequantize(rows, qtype), dtype=np.float32)
+
+
+if __name__ == "__main__":  # python -m exporters.gguf quantize SRC DST LABEL THREADS (the "python" backend)
+    if len(sys.argv) == 6 and sys.argv[1] == "quantize":
+        _rc, _ = _quantize_in_process(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]),
+                                      lambda line: print(line, flush=True))
+        sys.exit(0 if _rc == 0 else 1)
+    print("usage: python -m exporters.gguf quantize SRC DST LABEL THREADS", file=sys.stderr)
+    sys.exit(2)

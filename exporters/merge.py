@@ -24,7 +24,7 @@ from exporters.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter
 from exporters.checkpoint import TOKENIZER_FILES, BaseCheckpoint, resolve_model_dir
 from exporters.errors import AdapterMismatchError, DiskSpaceError, ExportStageError, FourBitMergeError
 from exporters.runs import MERGED_DIR, MergeInputs, export_root, resolve_inputs
-from exporters.safetensors_stream import Entry, ShardWriter, plan_shards, st_dtype
+from exporters.safetensors_stream import Entry, ShardWriter, plan_shards, torch_dtype
 
 MERGE_RECORD = "merge_info.json"
 RECORD_FORMAT = 1
@@ -236,15 +236,28 @@ def run_merge(mp: MergePlan, *, progress: bool = True, command: str | None = Non
                         base.release(current_source)  # unmap what we are done with
                     current_source = mp.source_shard[e.name]
                     t = base.load(e.name)
-                    if e.name in plan or e.name in adapter.replacements:
-                        if e.name in adapter.replacements:
-                            t = weights[adapter.replacements[e.name][0]].clone()
-                        t = t.to(torch.float32)
-                        for d in plan.get(e.name, []):
-                            t += LoraAdapter.delta(d, weights)
+                    out_torch = torch_dtype(e.dtype)
+                    if e.name in adapter.replacements:
+                        t = weights[adapter.replacements[e.name][0]]
+                    deltas = plan.get(e.name, [])
+                    if any(d.kind == "experts" for d in deltas):
+                        # one expert at a time: float32 temporaries of 1/E of the tensor
+                        merged_t = torch.empty(e.shape, dtype=out_torch)
+                        for x in range(e.shape[0]):
+                            w = t[x].to(torch.float32)
+                            for d in deltas:
+                                w += LoraAdapter.delta(d, weights, expert=x)
+                            merged_t[x] = w.to(out_torch)
+                        t = merged_t
+                    elif deltas:
+                        w = t.to(torch.float32, copy=True)
+                        for d in deltas:
+                            w += LoraAdapter.delta(d, weights)
+                        t = w.to(out_torch)
+                    else:
+                        t = t.to(out_torch)
+                    if deltas or e.name in adapter.replacements:
                         merged_names.append(e.name)
-                    if e.dtype in ("BF16", "F16", "F32"):
-                        t = t.to(getattr(torch, {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[e.dtype]))
                     writer.write(e.name, t)
                     weight_map[e.name] = fname
                     bar.update(e.nbytes)

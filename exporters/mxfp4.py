@@ -50,7 +50,8 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     exp = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6.0)), torch.zeros_like(amax)).clamp(-127, 127)
     scaled = w / torch.ldexp(torch.ones_like(exp), exp.to(torch.int32)).unsqueeze(-1)
     magnitudes = torch.tensor(FP4_VALUES[:8])
-    idx = (scaled.abs().unsqueeze(-1) - magnitudes).abs().argmin(dim=-1)
+    midpoints = (magnitudes[1:] + magnitudes[:-1]) / 2  # nearest FP4 magnitude, without an 8x temporary
+    idx = torch.bucketize(scaled.abs(), midpoints)
     codes = (idx | ((scaled < 0).to(torch.long) << 3)).to(torch.uint8)
     blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
     scales = (exp.to(torch.int32) + SCALE_BIAS).to(torch.uint8)
