@@ -83,6 +83,8 @@ class Fidelity:
     top1_agreement: float
     max_abs_diff: float
     positions: int
+    median_position_nmse: float  # robust to a few positions where MoE routing flips
+
 
     def passes(self, max_nmse: float, max_kl: float, min_top1: float) -> bool:
         return self.nmse <= max_nmse and self.mean_kl <= max_kl and self.top1_agreement >= min_top1
@@ -96,12 +98,14 @@ def compare(reference, test) -> Fidelity:
     se = ref_sq = kl = 0.0
     agree = positions = 0
     max_abs = 0.0
+    per_position: list = []
     for r, t in zip(reference, test):
         r = np.asarray(r, dtype=np.float64)
         t = np.asarray(t, dtype=np.float64)
         if r.shape != t.shape:
             raise ValueError(f"logit shapes differ: {r.shape} vs {t.shape}")
         se += float(((t - r) ** 2).sum())
+        per_position.extend((((t - r) ** 2).sum(-1) / np.maximum((r ** 2).sum(-1), 1e-30)).tolist())
         ref_sq += float((r ** 2).sum())
         max_abs = max(max_abs, float(np.abs(t - r).max()))
         lr = r - r.max(axis=-1, keepdims=True)
@@ -112,4 +116,4 @@ def compare(reference, test) -> Fidelity:
         agree += int((r.argmax(-1) == t.argmax(-1)).sum())
         positions += r.shape[0]
     return Fidelity(nmse=se / ref_sq if ref_sq else 0.0, mean_kl=kl / positions, top1_agreement=agree / positions,
-                    max_abs_diff=max_abs, positions=positions)
+                    max_abs_diff=max_abs, positions=positions, median_position_nmse=float(np.median(per_position)))

@@ -74,7 +74,7 @@ def _vm_hwm(pid: int) -> int | None:
     return None
 
 
-def _run_streaming(cmd: list[str], env: dict | None, on_line: Callable[[str], None]) -> tuple[int, list[str], int | None]:
+def run_measured(cmd: list[str], env: dict | None, on_line: Callable[[str], None]) -> tuple[int, list[str], int | None]:
     """Run ``cmd``, feed each output line (stdout+stderr) to ``on_line``; return (rc, lines, child peak RSS)."""
     import threading
 
@@ -131,7 +131,7 @@ def convert(merged_dir: Path, out_path: Path, *, outtype: str = "f16", expected_
 
     start = time.perf_counter()
     try:
-        rc, lines, rss = _run_streaming(cmd, env, on_line)
+        rc, lines, rss = run_measured(cmd, env, on_line)
         if rc != 0 or not tmp.is_file():
             tail = "\n".join(lines[-LOG_TAIL:])
             raise ConversionError(f"convert_hf_to_gguf.py failed on {merged_dir} (exit {rc}):\n{tail}")
@@ -180,14 +180,14 @@ def quantize(src: Path, out_path: Path, *, label: str, backend: QuantizeBackend 
     try:
         if tool is not None:
             cmd = [str(tool), str(src), str(tmp), label, str(threads)]
-            rc, lines, rss = _run_streaming(cmd, None, on_line)
+            rc, lines, rss = run_measured(cmd, None, on_line)
             used = "llama-quantize"
         else:  # the same llama_model_quantize inside llama-cpp-python, in a child process (isolated, measurable)
             cmd = [sys.executable, "-m", "exporters.gguf", "quantize", str(src), str(tmp), label, str(threads)]
             env = dict(os.environ)
             package_root = str(Path(__file__).resolve().parents[1])
             env["PYTHONPATH"] = os.pathsep.join([package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-            rc, lines, rss = _run_streaming(cmd, env, on_line)
+            rc, lines, rss = run_measured(cmd, env, on_line)
             used = "llama_cpp.llama_model_quantize"
         if rc != 0 or not tmp.is_file():
             tail = "\n".join(lines[-LOG_TAIL:])

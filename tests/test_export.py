@@ -160,7 +160,7 @@ def test_interrupted_export_leaves_nothing_that_looks_complete(exported, tmp_pat
     root = tmp_path / "exp"
     merged = exported["root"] / "merged"
     _copy_f16(exported, root)
-    real = gg._run_streaming
+    real = gg.run_measured
 
     def interrupted(cmd, env, on_line):
         def on_line_then_stop(line):
@@ -170,7 +170,7 @@ def test_interrupted_export_leaves_nothing_that_looks_complete(exported, tmp_pat
 
         return real(cmd, env, on_line_then_stop)
 
-    monkeypatch.setattr(gg, "_run_streaming", interrupted)
+    monkeypatch.setattr(gg, "run_measured", interrupted)
     with pytest.raises(KeyboardInterrupt):
         export_run(merged=str(merged), name="tiny-run", out=str(root), quants="q8_0", backend="tool",
                    fidelity=False, progress=False)
