@@ -82,7 +82,6 @@ def compare(streaming_dir: str, peft_dir: str, base_dir: str) -> None:
     """
     import glob
 
-    import torch
     from safetensors import safe_open
 
     def tensors(d):

@@ -14,7 +14,6 @@ import dataclasses
 import datetime as _dt
 import os
 import sys
-import time
 from pathlib import Path
 
 from typing import Literal
@@ -25,7 +24,7 @@ from exporters.gguf import QuantizeBackend
 from exporters import records
 from exporters.errors import DiskSpaceError, ExportStageError, MissingFilesError
 from exporters.merge import MERGE_RECORD, MergePlan, prepare_merge, run_merge
-from exporters.quants import QUANTS, Quant, get_quant, parse_quants
+from exporters.quants import Quant, get_quant, parse_quants
 from exporters.runs import GGUF_DIR, MERGED_DIR, export_root, resolve_inputs
 
 CompareHF = Literal["auto", "on", "off"]
@@ -183,6 +182,7 @@ def export_run(run: str | None = None, *, quants="q4_k_m,q5_k_m", also="", merge
                        **mp.inputs_record}
     gguf_dir = root / GGUF_DIR
     rec_dir = root / RECORDS_DIR
+    cli_command = " ".join(["gptoss", *sys.argv[1:]]) if sys.argv[1:2] == ["export"] else None
     commit = llamacpp.commit()
     versions = records.versions()
 
@@ -226,7 +226,7 @@ def export_run(run: str | None = None, *, quants="q4_k_m,q5_k_m", also="", merge
     steps: dict[str, dict] = {}
     if mp is not None:
         if merge_needed:
-            res = run_merge(mp, progress=progress, command="exporters.merge.run_merge", check_disk=False)
+            res = run_merge(mp, progress=progress, command=cli_command, check_disk=False)
             steps["merge"] = {"skipped": False, "elapsed_s": res.record["elapsed_s"],
                               "peak_rss_bytes": res.record["peak_rss_bytes"]}
         else:
@@ -347,8 +347,7 @@ def export_run(run: str | None = None, *, quants="q4_k_m,q5_k_m", also="", merge
                    "identity": merged_ident, "files": merged_files, **steps},
         "tools": {"llama_cpp_commit": commit, "llama_cpp_python": llamacpp.LLAMA_CPP_PYTHON_VERSION,
                   "converter": "convert_hf_to_gguf.py (vendored in llama-cpp-python sdist)", **versions},
-        "commands": {"export": " ".join(["gptoss", *sys.argv[1:]]) if sys.argv[1:2] == ["export"] else None,
-                     "steps": commands},
+        "commands": {"export": cli_command, "steps": commands},
         "fidelity_prompts": {"count": len(fid.PROMPTS), "sha256": prompt_digest} if fidelity else None,
         "artifacts": artifacts,
     }

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import os
-from pathlib import Path
 
 from gptoss import harmony
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import export_support as sup
+from exporters import records
 from exporters.errors import AdapterMismatchError, DiskSpaceError, FourBitMergeError, MissingFilesError
 from exporters.merge import MERGE_RECORD, merge, merge_checkpoint
 from exporters.runs import resolve_run
@@ -304,3 +306,44 @@ def test_resolve_run_reads_training_info(run):
     inputs = resolve_run(str(run))
     assert inputs.name == "tiny-run" and inputs.adapter_dir == run / "adapter"
     assert Path(inputs.base).is_dir()
+
+
+def test_hub_id_base_uses_the_hub_cache(base, run, tmp_path, monkeypatch):
+    """A Hugging Face id resolves through huggingface_hub.snapshot_download (mocked: no hub here) to a
+    cache snapshot; the resolved commit is recorded and blob names serve as sha256 without re-reading."""
+    import huggingface_hub
+
+    from exporters.runs import MergeInputs
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = tmp_path / "hub/models--openai--gpt-oss-tiny/snapshots" / commit
+    blobs = tmp_path / "hub/models--openai--gpt-oss-tiny/blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir(parents=True)
+    for f in base.iterdir():
+        digest = records.sha256_file(f)
+        shutil.copyfile(f, blobs / digest)
+        (snap / f.name).symlink_to(Path("../../blobs") / digest)
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision))
+        if repo_id != "openai/gpt-oss-tiny":
+            raise huggingface_hub.errors.RepositoryNotFoundError("404 Client Error: Repository Not Found")
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    real_sha = records.sha256_file
+
+    def no_rereads(p):
+        assert "hub/" not in str(p), f"re-read {p} instead of using the blob name"
+        return real_sha(p)
+
+    monkeypatch.setattr(records, "sha256_file", no_rereads)
+    res = merge_checkpoint(MergeInputs("hub", "openai/gpt-oss-tiny", "main", run / "adapter"), tmp_path / "m",
+                           progress=False)
+    rec = res.record["inputs"]["base"]
+    assert calls == [("openai/gpt-oss-tiny", "main")] and rec["revision"] == commit
+    assert rec["files"]["model.safetensors"]["sha256"] == Path(os.path.realpath(snap / "model.safetensors")).name
+    with pytest.raises(MissingFilesError, match="could not be fetched from the Hugging Face Hub"):
+        merge_checkpoint(MergeInputs("hub", "openai/nope", None, run / "adapter"), tmp_path / "m2", progress=False)
