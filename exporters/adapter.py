@@ -8,7 +8,7 @@ The delta math is PEFT's (peft/tuners/lora/layer.py):
   ``delta = einsum("o r e, e r i -> e i o", B, A) * scaling``.
   Several parameters of one module are nested wrappers (``experts.base_layer...``); each pair is
   matched to its parameter by shape (gate_up ``in=H,out=2I`` and down ``in=I,out=H`` never coincide).
-  The orientation assumes transformers' ``is_transposed`` GptOssExperts (4.56+ through 5.23 checked);
+  The orientation assumes transformers' ``is_transposed`` GptOssExperts (checked in 5.17 and 5.23);
   with an experts class lacking it PEFT would swap in/out: gate_up would then not fit (an error
   here), but down_proj (in = out = 2880 on gpt-oss-20b) could not be told apart by shape.
 - ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), per-key ``rank_pattern``/``alpha_pattern``.
