@@ -16,6 +16,8 @@ from gptoss.errors import ToolchainError
 COMMANDS = {
     "fixture": "gptoss.fixtures:fixture",
     "train": "training:train",
+    "merge": "exporters.merge:merge",
+    "export": "exporters.export:export",
     "modelfile": "modelfiles:write",
     "publish": "exporters.publish:publish",
 }
