@@ -52,12 +52,10 @@ def _mem_available() -> int | None:
 
 
 def write_modelfile(gguf_path: Path, merged_dir: Path) -> Path | None:
-    """Hook for the Modelfiles stage: write an Ollama Modelfile next to ``gguf_path``.
+    """An Ollama Modelfile that speaks Harmony, next to ``gguf_path`` (the Modelfiles stage's writer)."""
+    import modelfiles
 
-    The `modelfiles` package (Modelfiles issue) provides the writer; until it lands this returns
-    None and the manifest records ``"modelfile": null``. Wire it here, nowhere else.
-    """
-    return None
+    return Path(modelfiles.write(str(gguf_path)))
 
 
 def _merged_identity(merged_dir: Path) -> dict:
