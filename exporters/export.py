@@ -316,7 +316,9 @@ def export_run(run: str | None = None, *, quants="q4_k_m,q5_k_m", also="", merge
     for p in plan:
         r = p["record"]
         modelfile = write_modelfile(p["path"], merged_dir)
+        modelfile_digest = records.file_digest(modelfile) if modelfile else {}
         artifacts.append({
+            "kind": "gguf",
             "path": os.path.relpath(p["path"], root),
             "quant": r["quant"], "label": r["label"],
             "sha256": r["file"]["sha256"], "size": r["file"]["size"],
@@ -330,6 +332,7 @@ def export_run(run: str | None = None, *, quants="q4_k_m,q5_k_m", also="", merge
             "tool": r["tool"], "elapsed_s": r["elapsed_s"], "peak_rss_bytes": r["peak_rss_bytes"],
             "skipped": not p["redo"],
             "modelfile": os.path.relpath(modelfile, root) if modelfile else None,
+            "modelfile_sha256": modelfile_digest.get("sha256"), "modelfile_size": modelfile_digest.get("size"),
         })
     merged_files = []
     for f in sorted(merged_dir.iterdir()):

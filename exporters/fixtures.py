@@ -46,7 +46,7 @@ def make_run(base_dir: str | Path, run_dir: str | Path, *, r: int = 4, alpha: in
     info = {
         "run": run_dir.name,
         "base_model": base_model or str(Path(base_dir).absolute()),
-        "base_revision": None,
+        "base_model_revision": None,
         "backend": "fixture",
         "note": "seeded random LoRA from exporters.fixtures.make_run (not trained)",
         "lora": {"r": r, "lora_alpha": alpha, "target_modules": ATTENTION, "target_parameters": EXPERTS if experts else []},

@@ -1,7 +1,7 @@
 """Where merge and export find their inputs and put their outputs.
 
 A training run folder ``models/<run>/`` holds ``adapter/`` (a PEFT save) and ``training_info.json``
-(``base_model``: Hugging Face id or local path, ``base_revision``). Outputs go to
+(``base_model``: Hugging Face id or local path, ``base_model_revision``). Outputs go to
 ``exports/<run>/merged/`` and ``exports/<run>/gguf/``.
 """
 
@@ -52,7 +52,8 @@ def resolve_run(run: str) -> MergeInputs:
         raise MissingFilesError(f"{info_path} has no 'base_model' (the Hugging Face id or folder the adapter was trained on)")
     if not Path(base).is_absolute() and (real / base).is_dir():
         base = str((real / base).resolve())
-    return MergeInputs(name=real.name, base=base, base_revision=info.get("base_revision"),
+    revision = info.get("base_model_revision")  # what `gptoss train` resolved and trained on
+    return MergeInputs(name=real.name, base=base, base_revision=revision if isinstance(revision, str) else None,
                        adapter_dir=real / ADAPTER_DIR, run_dir=real, training_info=info)
 
 

@@ -48,6 +48,9 @@ def test_manifest_lists_every_artifact_honestly(exported):
         assert a["fallbacks"] == 0 and a["fallback_tensors"] == []
         assert a["off_nominal_weights"] == sum(1 for t in a["off_nominal_weight_types"].values())
         assert a["chat_template"], "the Harmony chat template must travel in the GGUF"
+        assert a["kind"] == "gguf" and a["modelfile"] == a["path"].replace(".gguf", ".Modelfile")
+        modelfile = root / a["modelfile"]
+        assert (a["modelfile_size"], a["modelfile_sha256"]) == (modelfile.stat().st_size, records.sha256_file(modelfile))
     assert _artifact(m, "f16")["off_nominal_weights"] == 0
     assert _artifact(m, "q4_k_m")["off_nominal_weight_types"].get("output.weight") == "Q6_K"
     mx = _artifact(m, "mxfp4_moe")["off_nominal_weight_types"]
