@@ -116,7 +116,7 @@ def summary_table(manifest: dict, served: list[ServeResult]):
         fallbacks = a.get("fallbacks")
         art.add_row(a.get("path", "?"), str(a.get("quant") or a.get("kind", "")), _human(int(a.get("size", 0))),
                     str(fallbacks.get("count", fallbacks) if isinstance(fallbacks, dict) else (fallbacks if fallbacks is not None else "")),
-                    _fmt(fid.get("nmse")), _fmt(fid.get("kl")), _fmt(fid.get("top1")))
+                    _fmt(fid.get("nmse")), _fmt(fid.get("mean_kl")), _fmt(fid.get("top1_agreement")))
     srv = Table(title="Serving: one request per backend (CPU)")
     for col in ("backend", "model", "tokens", "seconds", "tok/s", "finish", "content"):
         srv.add_column(col)
@@ -178,9 +178,9 @@ def pipeline(*, demo: bool = False, model: str | None = None, dataset: str | Non
                              max_steps=max_steps, device="cpu" if demo else None)
     console.rule("export: merge, GGUF F16 + quants, Modelfiles, fidelity")
     result = export_run(str(run_dir), quants=quants, exports_dir=str(exports_dir))
-    manifest_path = Path(result.path) if hasattr(result, "path") else None
+    manifest_path = Path(result.manifest_path)
     manifest = result.manifest
-    export_dir = manifest_path.parent if manifest_path else Path(run_dir)
+    export_dir = manifest_path.parent
     served: list[ServeResult] = []
     if serve:
         console.rule("serve: one request on each backend")
@@ -190,8 +190,8 @@ def pipeline(*, demo: bool = False, model: str | None = None, dataset: str | Non
     for table in summary_table(manifest, served):
         Console().print(table)
     (root / "pipeline_summary.json").write_text(json.dumps({
-        "run": str(run_dir), "manifest": str(manifest_path or ""),
+        "run": str(run_dir), "manifest": str(manifest_path),
         "served": [dataclasses.asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in served],
     }, indent=2) + "\n")
-    return str(manifest_path or export_dir)
+    return str(manifest_path)
 
