@@ -20,6 +20,7 @@ COMMANDS = {
     "export": "exporters.export:export",
     "modelfile": "modelfiles:write",
     "publish": "exporters.publish:publish",
+    "serve": "serving:serve",
 }
 
 

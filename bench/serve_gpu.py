@@ -1,0 +1,164 @@
+"""GPU evidence for `gptoss serve --backend llamacpp` (run by bench/serve_gpu.sh on an H100).
+
+Stages (each skips what is already done, so a 10-minute command limit can be met one at a time):
+  models  gptoss fixture geometry-20b --layers N -> F16 GGUF (pinned converter) -> Q4_K_M (llama-quantize)
+  bench   for each GGUF: llama-bench (the engine's own tg/pp), llama-server directly (no API), our API
+          at 1/4/8/16 streams, and a load run (300 requests, concurrency 16, 10% malformed)
+Prints one JSON object and writes it to $OUT/serve_gpu.json when $OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gptoss import harmony, llamacpp  # noqa: E402
+
+spec = importlib.util.spec_from_file_location("serve_load", ROOT / "bench" / "serve_load.py")
+serve_load = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(serve_load)
+
+
+def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    print("+", " ".join(map(str, cmd)), file=sys.stderr, flush=True)
+    return subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+def build_models(work: Path, fixture: str, layers: int, cuda: bool) -> dict[str, Path]:
+    name = f"{fixture}-{layers}l"
+    fixture_dir = work / name
+    f16 = work / f"{name}-F16.gguf"
+    q4 = work / f"{name}-Q4_K_M.gguf"
+    if not (fixture_dir / "config.json").is_file():
+        sh([sys.executable, "-m", "gptoss", "fixture", fixture, "--layers", layers, "--out", fixture_dir, "--force"], cwd=ROOT)
+    if not f16.is_file():
+        script, env = llamacpp.converter()
+        tmp = f16.with_suffix(".partial")
+        sh([sys.executable, script, fixture_dir, "--outfile", tmp, "--outtype", "f16"], env=env)
+        os.replace(tmp, f16)
+    if not q4.is_file():
+        tmp = q4.with_suffix(".partial")
+        sh([llamacpp.tool("llama-quantize", cuda=cuda, build=False), f16, tmp, "Q4_K_M"])
+        os.replace(tmp, q4)
+    return {"F16": f16, "Q4_K_M": q4}
+
+
+def llama_bench(gguf: Path, n_gen: int, cuda: bool) -> dict:
+    out = sh([llamacpp.tool("llama-bench", cuda=cuda, build=False), "-m", gguf, "-ngl", "999" if cuda else "0", "-p", "512", "-n", n_gen,
+              "-r", "3", "-o", "json"], capture_output=True, text=True).stdout
+    rows = json.loads(out)
+    result = {}
+    for row in rows:
+        kind = "tg" if row.get("n_gen") else "pp"
+        result[f"{kind}_tok_s"] = round(row["avg_ts"], 2)
+        result[f"{kind}_tok_s_stdev"] = round(row.get("stddev_ts", 0.0), 2)
+    result["build"] = rows[0].get("build_commit") if rows else None
+    return result
+
+
+async def engine_direct(engine_url: str, n_gen: int, repeats: int = 3) -> dict:
+    """llama-server's /completion without our API: same prompt, same token budget, engine timings."""
+    import httpx
+
+    prompt = harmony.render_prompt([{"role": "user", "content": "Write a long story number 1."}])
+    rates, walls = [], []
+    async with httpx.AsyncClient(base_url=engine_url, timeout=None) as client:
+        for i in range(repeats + 1):
+            body = {"prompt": prompt, "n_predict": n_gen, "samplers": ["temperature", "top_p"], "temperature": 1.0,
+                    "top_p": 1.0, "seed": i, "cache_prompt": False, "ignore_eos": True}
+            t0 = time.perf_counter()
+            r = (await client.post("/completion", json=body)).json()
+            if i:  # first one warms up
+                walls.append(r["tokens_predicted"] / (time.perf_counter() - t0))
+                rates.append(r["timings"]["predicted_per_second"])
+    return {"engine_decode_tok_s": round(sum(rates) / len(rates), 2), "engine_wall_tok_s": round(sum(walls) / len(walls), 2)}
+
+
+def parser_cost_us(n_tokens: int = 2000) -> float:
+    """Our per-token cost on structured output (Harmony parse + OpenAI delta + SSE JSON), in microseconds."""
+    from serving.api import _sse
+    from serving.chat import ChatOutput
+
+    text = " ".join(f"word{i % 97}" for i in range(n_tokens))
+    question = [{"role": "user", "content": "Say many words."}]
+    answer = {"role": "assistant", "reasoning_content": text[: len(text) // 4], "content": text}
+    tokens = harmony.render_training(question + [answer])[len(harmony.render_prompt(question)):]
+    out = ChatOutput()
+    t0 = time.perf_counter()
+    for t in tokens:
+        for d in out.feed(t):
+            _sse({"id": "x", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": d}]})
+    return round((time.perf_counter() - t0) / len(tokens) * 1e6, 1)
+
+
+def bench_one(gguf: Path, args) -> dict:
+    import httpx
+
+    result = {"file": gguf.name, "size_gb": round(gguf.stat().st_size / 1e9, 2)}
+    result["llama_bench"] = llama_bench(gguf, args.max_tokens, args.device != "cpu")
+    srv_args = argparse.Namespace(url=None, backend="llamacpp", model=str(gguf), device=args.device, parallel=16, queue=32,
+                                  threads=None, ctx=args.ctx, start_timeout=600)
+    with serve_load.server(srv_args) as (url, _):
+        engine_url = httpx.get(url + "/health").json()["engine_url"]
+        result["llama_server_direct"] = asyncio.run(engine_direct(engine_url, args.max_tokens))
+        single = []
+        for _ in range(3):
+            r = asyncio.run(serve_load.throughput(argparse.Namespace(streams=[1], max_tokens=args.max_tokens), url))
+            single.append(r["1"]["aggregate_tok_s"])
+        result["api_single_stream_tok_s"] = round(sum(single) / len(single), 2)
+        result["api_vs_llama_bench_tg"] = round(result["api_single_stream_tok_s"] / result["llama_bench"]["tg_tok_s"], 3)
+        result["api_vs_llama_server_direct"] = round(result["api_single_stream_tok_s"] / result["llama_server_direct"]["engine_wall_tok_s"], 3)
+        result["streams"] = asyncio.run(serve_load.throughput(argparse.Namespace(streams=args.streams, max_tokens=args.max_tokens), url))
+        result["load"] = asyncio.run(serve_load.load(argparse.Namespace(requests=args.load_requests, concurrency=16, malformed=0.1, max_tokens=64), url))
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["models", "bench"])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--fixture", default="geometry-20b", help="tiny: a CPU smoke run of this script")
+    p.add_argument("--device", default="cuda:0")
+    p.add_argument("--load-requests", type=int, default=300)
+    p.add_argument("--work", default=str(ROOT / ".cache" / "serve-gpu"))
+    p.add_argument("--quants", default="F16,Q4_K_M")
+    p.add_argument("--streams", default="1,4,8,16", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--ctx", type=int, default=2048)
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    models = build_models(work, args.fixture, args.layers, args.device != "cpu")
+    if args.stage == "models":
+        print(json.dumps({k: str(v) for k, v in models.items()}))
+        return
+    report = {
+        "command": "python " + " ".join(sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": serve_load.machine(),
+        "llama_cpp_commit": llamacpp.commit(),
+        "fixture": f"{args.fixture} --layers {args.layers}",
+        "parser_cost_us_per_token": parser_cost_us(),
+        "note": "random weights: the API parses garbage on the cheap resync path and streams few SSE chunks; "
+                "parser_cost_us_per_token is the cost on structured output",
+        "results": [bench_one(models[q], args) for q in args.quants.split(",")],
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "serve_gpu.json").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

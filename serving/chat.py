@@ -1,0 +1,101 @@
+"""Generated token ids -> OpenAI chat output, through gptoss.harmony's incremental parser.
+
+The final channel becomes ``content``; analysis (and commentary preambles) ``reasoning_content``;
+messages addressed to a tool (``to=functions.NAME``) become ``tool_calls``. Raw Harmony never
+reaches the client. Stop strings from the request apply to ``content``.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from gptoss import harmony
+
+
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+class ChatOutput:
+    """Feed generated token ids; get OpenAI ``delta`` dicts; read the totals when done."""
+
+    def __init__(self, *, stop: list[str] | None = None):
+        self.parser = harmony.HarmonyParser()
+        self._start_id = harmony.token_id(harmony.START)
+        self._message_start = True  # the completion starts inside <|start|>assistant
+        self._recipient: str | None = None
+        self.stop_strings = [s for s in (stop or []) if s]
+        self._held = ""  # content that could be the start of a stop string
+        self.content = ""
+        self.reasoning = ""
+        self.tool_calls: list[dict] = []
+        self.stopped_by_string = False
+        self.n_tokens = 0
+
+    def feed(self, token: int) -> list[dict]:
+        self.n_tokens += 1
+        if token == self._start_id:
+            self._message_start = True
+        out: list[dict] = []
+        if self.stopped_by_string:
+            return out
+        deltas = self.parser.feed(token)
+        if token >= harmony.FIRST_SPECIAL_ID:  # a control token is never text, even where the parser calls it content
+            deltas = []
+        for d in deltas:
+            if d.recipient and d.recipient != "assistant":
+                out.append(self._tool_call_delta(d.recipient, d.text))
+            elif d.channel == "final":
+                text = self._content(d.text)
+                if text:
+                    out.append({"content": text})
+            elif d.text:  # analysis, commentary preambles
+                self.reasoning += d.text
+                out.append({"reasoning_content": d.text})
+            self._message_start = False
+        return out
+
+    def _tool_call_delta(self, recipient: str, text: str) -> dict:
+        if self._message_start or recipient != self._recipient or not self.tool_calls:
+            name = recipient.split(".", 1)[1] if recipient.startswith(harmony.FUNCTIONS_NS + ".") else recipient
+            call = {"id": new_call_id(), "type": "function", "function": {"name": name, "arguments": text}}
+            self.tool_calls.append(call)
+            self._recipient = recipient
+            return {"tool_calls": [{"index": len(self.tool_calls) - 1, **call, "function": dict(call["function"])}]}
+        self.tool_calls[-1]["function"]["arguments"] += text
+        return {"tool_calls": [{"index": len(self.tool_calls) - 1, "function": {"arguments": text}}]}
+
+    def _content(self, text: str) -> str:
+        if not self.stop_strings:
+            self.content += text
+            return text
+        buf = self._held + text
+        hits = [(buf.find(s), s) for s in self.stop_strings if s in buf]
+        if hits:
+            emit = buf[: min(i for i, _ in hits)]
+            self._held = ""
+            self.stopped_by_string = True
+        else:
+            keep = 0
+            for s in self.stop_strings:
+                for k in range(min(len(s) - 1, len(buf)), 0, -1):
+                    if s.startswith(buf[-k:]):
+                        keep = max(keep, k)
+                        break
+            emit, self._held = buf[: len(buf) - keep], buf[len(buf) - keep:]
+        self.content += emit
+        return emit
+
+    def flush(self) -> list[dict]:
+        """Content held back for a stop string that never came."""
+        text, self._held = self._held, ""
+        self.content += text
+        return [{"content": text}] if text else []
+
+    def finish_reason(self, engine_reason: str | None) -> str:
+        if self.stopped_by_string:
+            return "stop"
+        result = self.parser.finish()
+        if result.stop == harmony.CALL or (self.tool_calls and engine_reason == "stop"):
+            return "tool_calls"
+        return "length" if engine_reason == "length" else "stop"

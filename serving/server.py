@@ -1,0 +1,116 @@
+"""`gptoss serve`: flags -> a backend -> the API on uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Literal
+
+from serving import records
+from serving.backends import BACKENDS, BackendConfig, ServeError, get_backend
+
+DEVICE = re.compile(r"^(cpu|cuda:\d+)$")
+
+
+def resolve_config(*, backend: str, model: str, adapter: str | None, quant: str | None, device: str, ctx: int,
+                   parallel: int, threads: int | None, dtype: str) -> BackendConfig:
+    """Check every flag and report all problems at once; find the model through the stage records."""
+    problems: list[str] = []
+    if backend not in BACKENDS:
+        problems.append(f"--backend {backend!r} is not one of {', '.join(sorted(BACKENDS))}")
+    if not isinstance(device, str) or not DEVICE.match(device):
+        problems.append(f"--device must be 'cpu' or 'cuda:N', got {device!r}")
+    for flag, value, low in (("--ctx", ctx, 16), ("--parallel", parallel, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            problems.append(f"{flag} must be an integer >= {low}, got {value!r}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        problems.append(f"--threads must be a positive integer, got {threads!r}")
+    if dtype not in ("auto", "bfloat16", "float16", "float32"):
+        problems.append(f"--dtype must be auto, bfloat16, float16 or float32, got {dtype!r}")
+    if adapter is not None and not (Path(str(adapter)).expanduser() / "adapter_config.json").is_file():
+        problems.append(f"--adapter {adapter}: no adapter_config.json there; pass the adapter folder of a training run")
+    adapter = str(Path(str(adapter)).expanduser().absolute()) if adapter else None
+    resolved = None
+    if backend == "llamacpp":
+        if adapter:
+            problems.append("--adapter is for the transformers backend; merge and export a GGUF for llamacpp (gptoss merge, gptoss export)")
+        model_path = Path(str(model)).expanduser().absolute()
+        if not model_path.exists():
+            problems.append(f"--model {model} does not exist (give a .gguf file or an export folder)")
+        else:
+            resolved = records.resolve_gguf(model_path, quant, problems)
+    elif backend == "transformers":
+        if quant:
+            problems.append("--quant picks a GGUF for the llamacpp backend; the transformers backend serves 16-bit checkpoints")
+        resolved = records.resolve_checkpoint(str(model), adapter, problems)
+    if problems:
+        raise ServeError("; ".join(problems))
+    return BackendConfig(model=resolved.model, adapter=resolved.adapter, revision=resolved.revision, source=resolved.source,
+                         device=device, ctx=ctx, parallel=parallel, threads=threads, dtype=dtype)
+
+
+def serve(
+    *,
+    backend: Literal["llamacpp", "transformers"] = "llamacpp",
+    model: str,
+    adapter: str | None = None,
+    quant: str | None = None,
+    device: str = "cpu",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    ctx: int = 4096,
+    parallel: int = 4,
+    queue: int | None = None,
+    threads: int | None = None,
+    dtype: str = "auto",
+    model_name: str | None = None,
+    debug: bool = False,
+    log_level: str = "info",
+) -> None:
+    """Serve a model behind an OpenAI-compatible API (POST /v1/chat/completions, /v1/models, /health, /metrics).
+
+    Args:
+        backend: "llamacpp" (a GGUF on llama.cpp's llama-server) or "transformers" (a merged checkpoint, or base + --adapter).
+        model: llamacpp: a .gguf file or an export folder (exports/<run>, with --quant); transformers: a checkpoint folder, exports/<run> (its merged model), models/<run> (base + adapter) or a Hub id.
+        adapter: a PEFT LoRA adapter directory applied on top of --model (transformers only).
+        quant: which GGUF of an export folder's manifest.json to serve, e.g. q4_k_m (llamacpp only).
+        device: "cpu" or "cuda:N"; with cuda all layers go to GPU N.
+        host: address to listen on (0.0.0.0 in containers).
+        port: port to listen on.
+        ctx: context per request in tokens (prompt + completion); longer prompts get a 400.
+        parallel: requests generating at once (llama.cpp slots with continuous batching; transformers threads).
+        queue: admitted requests that may wait for a slot (default 2 x parallel); beyond that 429 + Retry-After.
+        threads: CPU threads for the engine (default: the engine's choice).
+        dtype: transformers weights dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32.
+        model_name: the model id clients pass (default: the model file or folder name).
+        debug: add gptoss_debug.prompt (the prompt text the engine received) to responses.
+        log_level: uvicorn log level.
+    """
+    import uvicorn
+
+    from serving.api import create_app
+
+    config = resolve_config(backend=backend, model=model, adapter=adapter, quant=quant, device=device, ctx=ctx,
+                            parallel=parallel, threads=threads, dtype=dtype)
+    if queue is not None and (not isinstance(queue, int) or isinstance(queue, bool) or queue < 0):
+        raise ServeError(f"--queue must be a non-negative integer, got {queue!r}")
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ServeError(f"--port must be 0..65535, got {port!r}")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine request is noise
+    engine = get_backend(backend)(config)
+    failure: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def on_fatal(e: BaseException) -> None:
+        failure.append(e)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(engine, model_id=model_name, queue=queue, debug=debug, on_fatal=on_fatal)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
+    server.run()
+    if failure:
+        e = failure[0]
+        raise e if isinstance(e, ServeError) else ServeError(f"the {backend} backend failed to start: {e}")

@@ -1,0 +1,156 @@
+"""Serving without a server: Harmony tokens -> OpenAI deltas (serving.chat), flag checks, the registry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gptoss import harmony
+from gptoss.cli import resolve
+from serving import serve
+from serving.backends import BACKENDS, ServeError, get_backend
+from serving.chat import ChatOutput
+from serving.server import resolve_config
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+QUESTION = [{"role": "user", "content": "Weather in Paris and Rome?"}]
+
+
+def completion_tokens(prompt_messages, answer, tools=None) -> list[int]:
+    """What a model would generate for ``answer``, rendered by the Harmony core."""
+    full = harmony.render_training(prompt_messages + [answer], tools=tools)
+    return full[len(harmony.render_prompt(prompt_messages, tools=tools)):]
+
+
+def run(tokens, stop=None, engine_reason="stop"):
+    out = ChatOutput(stop=stop)
+    deltas = [d for t in tokens for d in out.feed(t)]
+    deltas += out.flush()
+    return out, deltas, out.finish_reason(engine_reason)
+
+
+def test_final_and_analysis_are_separated():
+    answer = {"role": "assistant", "reasoning_content": "Think about it.", "content": "Bonjour, ça va? 🙂"}
+    out, deltas, finish = run(completion_tokens(QUESTION, answer))
+    assert out.content == answer["content"] and out.reasoning == answer["reasoning_content"]
+    assert "".join(d.get("content", "") for d in deltas) == answer["content"]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == answer["reasoning_content"]
+    assert finish == "stop" and out.tool_calls == []
+
+
+def test_two_calls_to_the_same_function_are_two_tool_calls():
+    answer = {"role": "assistant", "reasoning_content": "Two cities.", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
+    ]}
+    tokens = completion_tokens(QUESTION, answer, TOOLS)
+    out, deltas, finish = run(tokens)
+    assert [json.loads(c["function"]["arguments"]) for c in out.tool_calls] == [{"city": "Paris"}, {"city": "Rome"}]
+    assert [c["function"]["name"] for c in out.tool_calls] == ["get_weather", "get_weather"]
+    assert len({c["id"] for c in out.tool_calls}) == 2
+    # streamed: the first delta of each call carries id and name, later ones only arguments
+    firsts = [d["tool_calls"][0] for d in deltas if "tool_calls" in d and "id" in d["tool_calls"][0]]
+    assert [f["index"] for f in firsts] == [0, 1]
+    # the reference parser agrees on what was called
+    ref = harmony.parse_completion(tokens)
+    assert [(c.name, c.arguments) for c in ref.tool_calls] == [(c["function"]["name"], c["function"]["arguments"]) for c in out.tool_calls]
+    assert finish == "tool_calls"
+    assert not out.content
+
+
+@pytest.mark.parametrize("stop", [["world"], ["wor", "zzz"], ["o, w"]])
+def test_stop_strings_cut_content_across_tokens(stop):
+    answer = {"role": "assistant", "content": "Hello, world and more"}
+    out, deltas, finish = run(completion_tokens(QUESTION, answer), stop=stop)
+    cut = min(answer["content"].find(s) for s in stop if s in answer["content"])
+    assert out.content == answer["content"][:cut]
+    assert "".join(d.get("content", "") for d in deltas) == out.content
+    assert finish == "stop" and out.stopped_by_string
+
+
+def test_held_back_prefix_is_flushed_when_the_stop_never_comes():
+    answer = {"role": "assistant", "content": "ends with wor"}
+    out, deltas, _ = run(completion_tokens(QUESTION, answer), stop=["world"])
+    assert out.content == "ends with wor" and "".join(d.get("content", "") for d in deltas) == "ends with wor"
+
+
+def test_truncated_output_is_length_and_garbage_never_leaks():
+    answer = {"role": "assistant", "content": "A long answer that gets cut"}
+    tokens = completion_tokens(QUESTION, answer)[:-3]
+    out, _, finish = run(tokens, engine_reason="length")
+    assert finish == "length" and out.content.startswith("A long")
+    garbage = harmony.encoding().encode("<|channel|>final<|message|>", allowed_special="all")[::-1] + [1, 2, 3]
+    out, deltas, _ = run(garbage)
+    assert out.content == "" and "<|" not in json.dumps(deltas)
+
+
+def test_command_table_and_registry():
+    assert resolve("serve") is serve
+    assert set(BACKENDS) == {"llamacpp", "transformers"}
+    with pytest.raises(ServeError, match="known: llamacpp, transformers"):
+        get_backend("vllm")
+
+
+def test_flags_are_checked_together(tmp_path):
+    with pytest.raises(ServeError) as e:
+        resolve_config(backend="llamacpp", model=str(tmp_path / "missing.gguf"), adapter=None, quant=None, device="gpu0",
+                       ctx=0, parallel=0, threads=None, dtype="auto")
+    message = str(e.value)
+    for flag in ("--device", "--ctx", "--parallel", "--model"):
+        assert flag in message
+
+
+def _config(tmp_path, **kw):
+    args = dict(backend="llamacpp", adapter=None, quant=None, device="cpu", ctx=1024, parallel=1, threads=None, dtype="auto")
+    args.update(kw)
+    return resolve_config(**args)
+
+
+def test_export_folder_resolves_through_its_manifest(tmp_path):
+    export = tmp_path / "exports" / "run1"
+    (export / "gguf").mkdir(parents=True)
+    for q in ("F16", "Q4_K_M"):
+        (export / "gguf" / f"run1-{q}.gguf").write_bytes(b"GGUF")
+    manifest = {"artifacts": [{"path": f"gguf/run1-{q}.gguf", "kind": "gguf", "quant": q} for q in ("F16", "Q4_K_M")]}
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    assert _config(tmp_path, model=str(export), quant="q4_k_m").model == str((export / "gguf" / "run1-Q4_K_M.gguf").resolve())
+    with pytest.raises(ServeError, match="F16, Q4_K_M"):  # two GGUFs and no --quant: say which exist
+        _config(tmp_path, model=str(export))
+    with pytest.raises(ServeError, match="Q5_K_M"):
+        _config(tmp_path, model=str(export), quant="Q5_K_M")
+    (export / "gguf" / "run1-F16.gguf").unlink()
+    with pytest.raises(ServeError, match="re-run `gptoss export`"):
+        _config(tmp_path, model=str(export), quant="f16")
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    (loose / "a.gguf").write_bytes(b"GGUF")
+    assert _config(tmp_path, model=str(loose)).model == str((loose / "a.gguf").resolve())
+    (loose / "b.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ServeError, match="a.gguf, b.gguf"):
+        _config(tmp_path, model=str(loose))
+
+
+def test_training_run_resolves_to_base_and_adapter(tmp_path):
+    run = tmp_path / "models" / "run1"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "training_info.json").write_text(json.dumps({"base_model": {"id": "openai/gpt-oss-20b", "revision": "abc123"}}))
+    config = _config(tmp_path, backend="transformers", model=str(run))
+    assert (config.model, config.adapter, config.revision) == ("openai/gpt-oss-20b", str((run / "adapter").absolute()), "abc123")
+    export = tmp_path / "exports" / "run1"
+    (export / "merged").mkdir(parents=True)
+    (export / "merged" / "config.json").write_text("{}")
+    (export / "manifest.json").write_text(json.dumps({"artifacts": [{"path": "merged", "kind": "merged"}]}))
+    assert _config(tmp_path, backend="transformers", model=str(export)).model == str((export / "merged").resolve())
+    with pytest.raises(ServeError) as e:
+        _config(tmp_path, backend="transformers", model=str(tmp_path / "nothing"), quant="q4_k_m")
+    assert "--quant" in str(e.value) and "does not exist" in str(e.value)
+
+
+def test_llamacpp_path_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, serving, serving.api; assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
