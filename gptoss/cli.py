@@ -21,6 +21,7 @@ COMMANDS = {
     "modelfile": "modelfiles:write",
     "publish": "exporters.publish:publish",
     "serve": "serving:serve",
+    "pipeline": "gptoss.pipeline:pipeline",
 }
 
 
