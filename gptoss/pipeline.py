@@ -77,9 +77,10 @@ def serve_once(backend: str, model: str, *, log_path: Path, quant: str | None = 
                 if time.monotonic() > deadline:
                     raise PipelineError(f"serve ({backend}) not ready after {timeout:.0f}s; see {log_path}")
                 time.sleep(0.5)  # polling the child's health endpoint
+            served_name = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
             start = time.perf_counter()
             resp = httpx.post(url + "/v1/chat/completions", timeout=timeout, json={
-                "model": "gptoss", "messages": DEMO_PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "seed": 0,
+                "model": served_name, "messages": DEMO_PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "seed": 0,
                 "reasoning_effort": "low"})
             seconds = time.perf_counter() - start
             if resp.status_code != 200:
@@ -174,8 +175,10 @@ def pipeline(*, demo: bool = False, model: str | None = None, dataset: str | Non
     from exporters.export import export_run
 
     console.rule(f"train: profile {profile}")
+    # The demo keeps the profile's step count but CPU-sized batches: 2 rows a step, no checkpointing.
+    cpu_sized = {"batch_size": 2, "grad_accum": 1, "gradient_checkpointing": "off", "device": "cpu"} if demo else {}
     run_dir = training.train(profile=profile, model=model, dataset=dataset, output_dir=str(models_dir),
-                             max_steps=max_steps, device="cpu" if demo else None)
+                             max_steps=max_steps, **cpu_sized)
     console.rule("export: merge, GGUF F16 + quants, Modelfiles, fidelity")
     result = export_run(str(run_dir), quants=quants, exports_dir=str(exports_dir))
     manifest_path = Path(result.manifest_path)

@@ -141,7 +141,8 @@ def test_serve_cpu_answers_the_openai_client(images, exported):
         cid = container.get_wrapped_container().id
         _wait_healthy(cid)
         client = OpenAI(base_url=f"http://localhost:{container.get_exposed_port(8000)}/v1", api_key="unused")
-        resp = client.chat.completions.create(model="gptoss", messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+        served = client.models.list().data[0].id
+        resp = client.chat.completions.create(model=served, messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
         choice = resp.choices[0]
         assert choice.finish_reason in ("stop", "length", "tool_calls")
         assert "<|channel|>" not in (choice.message.content or "") and "<|start|>" not in (choice.message.content or "")
