@@ -79,6 +79,7 @@ def source_dir() -> Path:
     prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/"
     vendor = prefix + "vendor/llama.cpp/"
     head = prefix + ".git/modules/vendor/llama.cpp/HEAD"
+    cache_root().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="src.partial-", dir=cache_root()))
     try:
         with tarfile.open(archive) as tar:
