@@ -112,15 +112,12 @@ def bench_one(gguf: Path, args) -> dict:
     with serve_load.server(srv_args) as (url, _):
         engine_url = httpx.get(url + "/health").json()["engine_url"]
         result["llama_server_direct"] = asyncio.run(engine_direct(engine_url, args.max_tokens))
-        single = []
-        for _ in range(3):
-            r = asyncio.run(serve_load.throughput(argparse.Namespace(streams=[1], max_tokens=args.max_tokens), url))
-            single.append(r["1"]["aggregate_tok_s"])
-        result["api_single_stream_tok_s"] = round(sum(single) / len(single), 2)
+        single = asyncio.run(serve_load.throughput(argparse.Namespace(streams=[1], max_tokens=args.max_tokens, repeat=3), url))
+        result["api_single_stream_tok_s"] = single["1"]["aggregate_tok_s"]
         result["api_vs_llama_bench_tg"] = round(result["api_single_stream_tok_s"] / result["llama_bench"]["tg_tok_s"], 3)
         result["api_vs_llama_server_direct"] = round(result["api_single_stream_tok_s"] / result["llama_server_direct"]["engine_wall_tok_s"], 3)
-        result["streams"] = asyncio.run(serve_load.throughput(argparse.Namespace(streams=args.streams, max_tokens=args.max_tokens), url))
-        result["load"] = asyncio.run(serve_load.load(argparse.Namespace(requests=args.load_requests, concurrency=16, malformed=0.1, max_tokens=64), url))
+        result["streams"] = asyncio.run(serve_load.throughput(argparse.Namespace(streams=args.streams, max_tokens=args.max_tokens, repeat=2), url))
+        result["load"] = asyncio.run(serve_load.load(argparse.Namespace(requests=args.load_requests, concurrency=16, malformed=0.1, max_tokens=64, max_retries=30), url))
     return result
 
 

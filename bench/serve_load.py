@@ -104,22 +104,33 @@ async def one_stream(client, model, max_tokens, seed) -> dict:
 
 
 async def throughput(args, url) -> dict:
-    out = {}
+    """Aggregate tok/s per stream count; with --repeat R the counts are interleaved R times (noisy hosts)
+    and each figure is the median over the repeats."""
+    import statistics
+
+    runs: dict[str, list[dict]] = {}
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=httpx.Limits(max_connections=256)) as client:
         model = await model_id(client)
-        await one_stream(client, model, 8, 0)  # warm-up
-        for n in args.streams:
-            t0 = time.perf_counter()
-            results = await asyncio.gather(*(one_stream(client, model, args.max_tokens, 1000 * n + i) for i in range(n)))
-            wall = time.perf_counter() - t0
-            tokens = sum(r["tokens"] for r in results)
-            per_stream = [r["decode_tok_s"] for r in results if r["decode_tok_s"]]
-            out[str(n)] = {"streams": n, "tokens": tokens, "wall_s": round(wall, 3),
-                           "aggregate_tok_s": round(tokens / wall, 2),
-                           "mean_stream_decode_tok_s": round(sum(per_stream) / len(per_stream), 2) if per_stream else None,
-                           "mean_ttft_s": round(sum(r["ttft_s"] for r in results) / n, 3)}
+        # Warm-up at full width and length: the first generations after start are much slower (seen on CPU).
+        await asyncio.gather(*(one_stream(client, model, args.max_tokens, 99_000 + i) for i in range(max(args.streams))))
+        for _ in range(getattr(args, "repeat", 1)):
+            for n in args.streams:
+                t0 = time.perf_counter()
+                results = await asyncio.gather(*(one_stream(client, model, args.max_tokens, 1000 * n + i) for i in range(n)))
+                wall = time.perf_counter() - t0
+                tokens = sum(r["tokens"] for r in results)
+                per_stream = [r["decode_tok_s"] for r in results if r["decode_tok_s"]]
+                runs.setdefault(str(n), []).append({
+                    "tokens": tokens, "wall_s": round(wall, 3), "aggregate_tok_s": round(tokens / wall, 2),
+                    # null when the model emits no parseable text (random weights): no deltas to time
+                    "mean_stream_decode_tok_s": round(sum(per_stream) / len(per_stream), 2) if per_stream else None,
+                    "mean_ttft_s": round(sum(r["ttft_s"] for r in results) / n, 3)})
+    out = {}
+    for n, rs in runs.items():
+        out[n] = {"streams": int(n), "aggregate_tok_s": round(statistics.median(r["aggregate_tok_s"] for r in rs), 2),
+                  "runs": rs}
     if "1" in out:
-        for k, v in out.items():
+        for v in out.values():
             v["vs_1_stream"] = round(v["aggregate_tok_s"] / out["1"]["aggregate_tok_s"], 2)
     return out
 
@@ -139,6 +150,7 @@ async def load(args, url) -> dict:
     statuses: dict[str, int] = {}
     kinds: dict[str, dict[str, int]] = {}
     latencies = []
+    retried: dict[str, int] = {}
     sem = asyncio.Semaphore(args.concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=httpx.Limits(max_connections=256)) as client:
         model = await model_id(client)
@@ -150,19 +162,25 @@ async def load(args, url) -> dict:
                 plan.append(("ok_stream" if i % 2 else "ok", None))
 
         async def send(i, kind, make):
+            """One request; 429/503 are retried after Retry-After, as the openai client does."""
             async with sem:
                 t0 = time.perf_counter()
-                if make:
-                    content, headers = make(model)
-                    r = await client.post("/v1/chat/completions", content=content, headers=headers or {"Content-Type": "application/json"})
-                    status = r.status_code
-                else:
-                    body = {"model": model, "messages": [{"role": "user", "content": f"Request {i}"}], "max_tokens": args.max_tokens,
-                            "stream": kind == "ok_stream"}
-                    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-                        async for _ in r.aiter_bytes():
-                            pass
-                        status = r.status_code
+                for attempt in range(args.max_retries + 1):
+                    if make:
+                        content, headers = make(model)
+                        r = await client.post("/v1/chat/completions", content=content, headers=headers or {"Content-Type": "application/json"})
+                        status, retry_after = r.status_code, r.headers.get("Retry-After")
+                    else:
+                        body = {"model": model, "messages": [{"role": "user", "content": f"Request {i}"}], "max_tokens": args.max_tokens,
+                                "stream": kind == "ok_stream"}
+                        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                            async for _ in r.aiter_bytes():
+                                pass
+                            status, retry_after = r.status_code, r.headers.get("Retry-After")
+                    if status not in (429, 503) or attempt == args.max_retries:
+                        break
+                    retried[str(status)] = retried.get(str(status), 0) + 1
+                    await asyncio.sleep(float(retry_after or 1))
                 latencies.append(time.perf_counter() - t0)
                 statuses[str(status)] = statuses.get(str(status), 0) + 1
                 kinds.setdefault(kind, {}).setdefault(str(status), 0)
@@ -175,7 +193,7 @@ async def load(args, url) -> dict:
         metrics = (await client.get("/metrics")).text
     latencies.sort()
     return {"requests": args.requests, "concurrency": args.concurrency, "malformed_share": args.malformed,
-            "wall_s": round(wall, 2), "statuses": statuses, "by_kind": kinds,
+            "wall_s": round(wall, 2), "statuses": statuses, "by_kind": kinds, "retried_after": retried,
             "server_errors": sum(v for k, v in statuses.items() if k.startswith("5")),
             "p50_s": round(latencies[len(latencies) // 2], 3), "p95_s": round(latencies[int(len(latencies) * 0.95)], 3),
             "health_after": health.status_code,
@@ -203,9 +221,11 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--streams", default="1,4,8,16", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--repeat", type=int, default=1, help="throughput: interleave the stream counts this many times")
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--malformed", type=float, default=0.1)
+    p.add_argument("--max-retries", type=int, default=30, help="load: retries of a 429/503 after its Retry-After")
     p.add_argument("--start-timeout", type=float, default=600)
     args = p.parse_args()
     if not args.url and not args.model:

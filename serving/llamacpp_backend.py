@@ -88,7 +88,9 @@ class LlamaCppBackend(Backend):
         log.info("starting %s (log: %s)", " ".join(cmd), self._log_file.name)
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      preexec_fn=_die_with_parent)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        # No keep-alive: a pooled connection that llama-server closes as we reuse it fails the request
+        # ("Server disconnected without sending a response"); a fresh localhost connection costs ~0.1 ms.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
         self._client = httpx.AsyncClient(base_url=self.base_url, timeout=httpx.Timeout(None, connect=10.0), limits=limits)
         while True:
             if self.proc.poll() is not None:
@@ -128,7 +130,8 @@ class LlamaCppBackend(Backend):
                 os.unlink(self._log_file.name)
 
     def info(self) -> dict:
-        return {**super().info(), "engine": "llama-server", "engine_url": self.base_url}
+        return {**super().info(), "engine": "llama-server", "engine_url": self.base_url,
+                "engine_log": self._log_file.name if self._log_file else None}
 
     async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Generated]:
         import httpx
@@ -147,6 +150,8 @@ class LlamaCppBackend(Backend):
         }
         # llama.cpp's vocabulary marks <|return|> and <|call|> end-of-generation for gpt-oss GGUFs;
         # anything else the caller wants to stop at is left to the caller (it closes the stream).
+        # Always streamed, also for non-streaming API requests: closing a stream is what reliably makes
+        # llama-server drop the task (a cancelled non-streaming request was seen to keep its slot busy).
         seen = 0
         try:
             resp = await self._client.send(self._client.build_request("POST", "/completion", json=body), stream=True)
