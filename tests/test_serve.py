@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from gptoss import harmony
 import serve_support as sup
 
 
-def _wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
+def _wait_for(predicate, timeout: float = 60.0, what: str = "condition", server=None):
     """Poll a server-side condition (metrics, slots) until it holds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -30,7 +31,7 @@ def _wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}" + (f"; logs:\n{server.log()}\n{_engine_log(server)}" if server else ""))
         time.sleep(0.1)
 
 
@@ -96,7 +97,7 @@ def _tool_messages():
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
-    health = httpx.get(server.url + "/health").json()
+    health = httpx.get(server.url + "/health", timeout=30).json()
     assert health["status"] == "ok" and health["ctx"] == 1024
 
 
@@ -216,15 +217,15 @@ def test_errors_are_openai_shaped(server, client):
         client.chat.completions.create(model=MODEL, messages=long)
     assert e.value.body["code"] == "context_length_exceeded"
     assert f"{n_prompt} tokens" in e.value.body["message"] and "1024 tokens" in e.value.body["message"]
-    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
-    r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL})
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
 
 def test_metrics(server, client):
     client.chat.completions.create(model=MODEL, messages=sup.GREETING, temperature=0, max_tokens=3)
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(server.url + "/metrics", timeout=30).text
     ok = [line for line in text.splitlines() if line.startswith('gptoss_requests_total{path="/v1/chat/completions",status="200"}')]
     assert ok and float(ok[0].split()[-1]) >= 1
     for name in ("gptoss_completion_tokens_total", "gptoss_prompt_tokens_total", "gptoss_request_latency_seconds_count",
@@ -251,37 +252,58 @@ def one_slot_server(request, tiny_model, tmp_path_factory):
 
 
 def _gauge(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise AssertionError(f"{name} missing from /metrics")
 
 
+def _engine_log(server) -> str:
+    try:
+        path = httpx.get(server.url + "/health", timeout=30).json().get("engine_log")
+        return Path(path).read_text(errors="replace")[-6000:] if path else ""
+    except (httpx.HTTPError, OSError) as e:
+        return f"(no engine log: {e})"
+
+
 def _engine_busy(server) -> bool:
-    engine = httpx.get(server.url + "/health").json()["engine_url"]
-    return any(slot["is_processing"] for slot in httpx.get(engine + "/slots").json())
+    engine = httpx.get(server.url + "/health", timeout=30).json()["engine_url"]
+    return any(slot["is_processing"] for slot in httpx.get(engine + "/slots", timeout=30).json())
 
 
-def test_disconnect_cancels_generation_and_frees_the_slot(one_slot_server):
+def _raw_post(url: str, body: dict) -> socket.socket:
+    """A request on a bare socket, so the test can drop the connection whenever it likes."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    return sock
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_cancels_generation_and_frees_the_slot(one_slot_server, stream):
     url = one_slot_server.url
-    body = {"model": "random", "messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": 3000, "stream": True}
-    with httpx.Client(base_url=url, timeout=60) as http:
-        with http.stream("POST", "/v1/chat/completions", json=body) as resp:
-            assert resp.status_code == 200
-            _wait_for(lambda: _gauge(url, "gptoss_requests_running") == 1, what="the stream to start generating")
-            if one_slot_server.backend == "llamacpp":
-                assert _engine_busy(one_slot_server)
-            # While it runs, the only slot is taken and there is no queue: overload answers 429 + Retry-After.
-            busy = httpx.post(url + "/v1/chat/completions", json={**body, "stream": False})
-            assert busy.status_code == 429 and busy.headers["Retry-After"] == "1"
-            assert busy.json()["error"]["code"] == "overloaded"
-        # leaving the block closes the connection mid-stream
-    _wait_for(lambda: _gauge(url, "gptoss_requests_running") == 0, what="our slot to be released")
+    body = {"model": "random", "messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": 3000, "stream": stream}
+    cancelled_before = _gauge(url, "gptoss_cancelled_total")
+    sock = _raw_post(url, body)
+    try:
+        _wait_for(lambda: _gauge(url, "gptoss_requests_running") == 1, what="the request to start generating")
+        if one_slot_server.backend == "llamacpp":
+            assert _engine_busy(one_slot_server)
+        # The only slot is taken and there is no queue: overload answers 429 + Retry-After.
+        busy = httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=30)
+        assert busy.status_code == 429 and busy.headers["Retry-After"] == "1"
+        assert busy.json()["error"]["code"] == "overloaded"
+    finally:
+        sock.close()  # the client goes away mid-generation
+    _wait_for(lambda: _gauge(url, "gptoss_requests_running") == 0, what="our slot to be released", server=one_slot_server)
     if one_slot_server.backend == "llamacpp":
-        _wait_for(lambda: not _engine_busy(one_slot_server), what="llama-server's slot to stop")
-    assert _gauge(url, "gptoss_cancelled_total") >= 1
+        _wait_for(lambda: not _engine_busy(one_slot_server), what="llama-server's slot to stop", server=one_slot_server)
+    assert _gauge(url, "gptoss_cancelled_total") == cancelled_before + 1
     ok = httpx.post(url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3}, timeout=60)
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+    assert ok.json()["usage"]["completion_tokens"] == 3
 
 
 @pytest.mark.slow
@@ -294,7 +316,7 @@ def test_load_300_requests_no_5xx(llamacpp_server):
     import argparse
     import asyncio
 
-    args = argparse.Namespace(requests=300, concurrency=16, malformed=0.1, max_tokens=16)
+    args = argparse.Namespace(requests=300, concurrency=16, malformed=0.1, max_tokens=16, max_retries=0)
     result = asyncio.run(bench.load(args, llamacpp_server.url))
     assert result["server_errors"] == 0, result
     assert sum(result["statuses"].values()) == 300
