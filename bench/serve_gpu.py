@@ -2,8 +2,9 @@
 
 Stages (each skips what is already done, so a 10-minute command limit can be met one at a time):
   models  gptoss fixture geometry-20b --layers N -> F16 GGUF (pinned converter) -> Q4_K_M (llama-quantize)
-  bench   for each GGUF: llama-bench (the engine's own tg/pp), llama-server directly (no API), our API
-          at 1/4/8/16 streams, and a load run (300 requests, concurrency 16, 10% malformed)
+  bench   for each GGUF: llama-bench (the engine's own tg/pp); llama-server alone at 1 and 8 streams with
+          CPU sampling, device (backend) sampling and greedy; our API at 1/4/8/16 streams, served with
+          CPU sampling and with --sample-on-device; a load run (300 requests, concurrency 16, 10% malformed)
 Prints one JSON object and writes it to $OUT/serve_gpu.json when $OUT is set.
 """
 
@@ -67,22 +68,38 @@ def llama_bench(gguf: Path, n_gen: int, cuda: bool) -> dict:
     return result
 
 
-async def engine_direct(engine_url: str, n_gen: int, repeats: int = 3) -> dict:
-    """llama-server's /completion without our API: same prompt, same token budget, engine timings."""
+async def engine_direct(engine_url: str, n_gen: int, streams=(1, 8), repeats: int = 2) -> dict:
+    """llama-server's /completion without our API, n concurrent requests: aggregate tok/s by sampling
+    mode. "cpu": the server's sampler chain on its CPU thread, slot by slot (our default); "device":
+    llama.cpp's backend sampling (--sample-on-device); "greedy": temperature 0 (argmax only)."""
     import httpx
 
     prompt = harmony.render_prompt([{"role": "user", "content": "Write a long story number 1."}])
-    rates, walls = [], []
+    modes = {"cpu": {"temperature": 1.0}, "device": {"temperature": 1.0, "backend_sampling": True}, "greedy": {"temperature": 0.0}}
+    out: dict = {}
     async with httpx.AsyncClient(base_url=engine_url, timeout=None, limits=httpx.Limits(max_keepalive_connections=0)) as client:
-        for i in range(repeats + 1):
-            body = {"prompt": prompt, "n_predict": n_gen, "samplers": ["temperature", "top_p"], "temperature": 1.0,
-                    "top_p": 1.0, "seed": i, "cache_prompt": False, "ignore_eos": True}
-            t0 = time.perf_counter()
+        async def one(seed: int, extra: dict) -> int:
+            body = {"prompt": prompt, "n_predict": n_gen, "samplers": ["temperature", "top_p"], "top_p": 1.0, "seed": seed,
+                    "cache_prompt": False, "ignore_eos": True, **extra}
             r = (await client.post("/completion", json=body)).json()
-            if i:  # first one warms up
-                walls.append(r["tokens_predicted"] / (time.perf_counter() - t0))
-                rates.append(r["timings"]["predicted_per_second"])
-    return {"engine_decode_tok_s": round(sum(rates) / len(rates), 2), "engine_wall_tok_s": round(sum(walls) / len(walls), 2)}
+            if "error" in r:
+                raise RuntimeError(f"llama-server: {r['error']}")
+            return r["tokens_predicted"]
+
+        for mode, extra in modes.items():
+            await asyncio.gather(*(one(90 + i, extra) for i in range(max(streams))))  # warm-up
+            for n in streams:
+                rates = []
+                for rep in range(repeats):
+                    t0 = time.perf_counter()
+                    tokens = sum(await asyncio.gather(*(one(1000 * rep + i, extra) for i in range(n))))
+                    rates.append(tokens / (time.perf_counter() - t0))
+                out.setdefault(mode, {})[str(n)] = round(sorted(rates)[len(rates) // 2], 2)
+            if "1" in out[mode]:
+                for n in list(out[mode]):
+                    if n != "1":
+                        out[mode][f"x{n}"] = round(out[mode][n] / out[mode]["1"], 2)
+    return out
 
 
 def parser_cost_us(n_tokens: int = 2000) -> float:
@@ -107,17 +124,23 @@ def bench_one(gguf: Path, args) -> dict:
 
     result = {"file": gguf.name, "size_gb": round(gguf.stat().st_size / 1e9, 2)}
     result["llama_bench"] = llama_bench(gguf, args.max_tokens, args.device != "cpu")
-    srv_args = argparse.Namespace(url=None, backend="llamacpp", model=str(gguf), device=args.device, parallel=16, queue=32,
-                                  threads=None, ctx=args.ctx, start_timeout=600)
-    with serve_load.server(srv_args) as (url, _):
-        engine_url = httpx.get(url + "/health").json()["engine_url"]
-        result["llama_server_direct"] = asyncio.run(engine_direct(engine_url, args.max_tokens))
-        single = asyncio.run(serve_load.throughput(argparse.Namespace(streams=[1], max_tokens=args.max_tokens, repeat=3), url))
-        result["api_single_stream_tok_s"] = single["1"]["aggregate_tok_s"]
-        result["api_vs_llama_bench_tg"] = round(result["api_single_stream_tok_s"] / result["llama_bench"]["tg_tok_s"], 3)
-        result["api_vs_llama_server_direct"] = round(result["api_single_stream_tok_s"] / result["llama_server_direct"]["engine_wall_tok_s"], 3)
-        result["streams"] = asyncio.run(serve_load.throughput(argparse.Namespace(streams=args.streams, max_tokens=args.max_tokens, repeat=2), url))
-        result["load"] = asyncio.run(serve_load.load(argparse.Namespace(requests=args.load_requests, concurrency=16, malformed=0.1, max_tokens=64, max_retries=30), url))
+    for mode in args.modes:
+        srv_args = argparse.Namespace(url=None, backend="llamacpp", model=str(gguf), device=args.device, parallel=16, queue=32,
+                                      threads=None, ctx=args.ctx, start_timeout=600, sample_on_device=mode == "device")
+        r = result.setdefault(f"sampling_{mode}", {})
+        with serve_load.server(srv_args) as (url, _):
+            engine_url = httpx.get(url + "/health").json()["engine_url"]
+            if mode == args.modes[0]:  # the engine alone, every sampling mode (per request), once
+                result["llama_server_direct"] = asyncio.run(engine_direct(engine_url, args.max_tokens))
+            single = asyncio.run(serve_load.throughput(argparse.Namespace(streams=[1], max_tokens=args.max_tokens, repeat=3), url))
+            r["api_single_stream_tok_s"] = single["1"]["aggregate_tok_s"]
+            r["api_vs_llama_bench_tg"] = round(r["api_single_stream_tok_s"] / result["llama_bench"]["tg_tok_s"], 3)
+            direct = result["llama_server_direct"][mode]["1"]
+            r["api_vs_llama_server_direct"] = round(r["api_single_stream_tok_s"] / direct, 3)
+            r["streams"] = asyncio.run(serve_load.throughput(argparse.Namespace(streams=args.streams, max_tokens=args.max_tokens, repeat=2), url))
+            if mode == args.modes[0]:
+                r["load"] = asyncio.run(serve_load.load(argparse.Namespace(requests=args.load_requests, concurrency=16, malformed=0.1,
+                                                                          max_tokens=64, max_retries=30), url))
     return result
 
 
@@ -128,6 +151,8 @@ def main() -> None:
     p.add_argument("--fixture", default="geometry-20b", help="tiny: a CPU smoke run of this script")
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--load-requests", type=int, default=300)
+    p.add_argument("--modes", default="cpu,device", type=lambda v: v.split(","),
+                   help="sampling modes of our server: cpu (default server) and/or device (--sample-on-device)")
     p.add_argument("--work", default=str(ROOT / ".cache" / "serve-gpu"))
     p.add_argument("--quants", default="F16,Q4_K_M")
     p.add_argument("--streams", default="1,4,8,16", type=lambda s: [int(x) for x in s.split(",")])

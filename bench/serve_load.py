@@ -52,6 +52,8 @@ def server(args):
         cmd += ["--queue", str(args.queue)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if getattr(args, "sample_on_device", False):
+        cmd += ["--sample-on-device"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
@@ -218,6 +220,7 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=8)
     p.add_argument("--queue", type=int)
     p.add_argument("--threads", type=int)
+    p.add_argument("--sample-on-device", action="store_true", help="start the server with --sample-on-device")
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--streams", default="1,4,8,16", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--max-tokens", type=int, default=128)

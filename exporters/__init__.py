@@ -1,1 +1,1 @@
-"""Export stage: merge, GGUF export and publishing to the Hugging Face Hub."""
+"""Export stage: `gptoss merge` (LoRA -> 16-bit safetensors), `gptoss export` (GGUF files + manifest) and `gptoss publish` (Hub)."""

@@ -4,8 +4,8 @@ What is published, and from which record:
 
 * ``adapter``: ``models/<run>/adapter/`` (PEFT files + tokenizer) described by
   ``models/<run>/training_info.json`` and ``train_config.json``.
-* ``merged``: the ``merged`` artifact of ``exports/<run>/manifest.json`` (bf16 safetensors,
-  config, tokenizer).
+* ``merged``: the folder named by ``merged`` in ``exports/<run>/manifest.json`` (bf16 safetensors,
+  config, tokenizer; not merge's own ``merge_info.json``).
 * ``gguf``: every ``gguf`` artifact of the manifest plus its Modelfile, laid out at the repo root
   so that the Hub serves each quant by tag (``hf.co/ORG/NAME:Q4_K_M``), with ``template`` and
   ``params`` files taken from the Modelfile so ``ollama run hf.co/...`` speaks Harmony.
@@ -44,6 +44,8 @@ PUBLISHED = "published.json"
 ADAPTER_DIR = "adapter"
 ADAPTER_REQUIRED = ("adapter_config.json", "adapter_model.safetensors")
 MERGED_REQUIRED = ("config.json",)
+# merge's own record (inputs with local paths, timings): provenance stays local, the card summarises it.
+MERGE_RECORD = "merge_info.json"
 
 GGUF_MAGIC = b"GGUF"
 # Files the Hub's Ollama integration reads from a GGUF repo (hub-docs: docs/hub/ollama.md).
@@ -83,7 +85,23 @@ def gguf_quant_tag(filename: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Records: what this stage reads, in one place.
+# Records: what this stage reads, in one place. The writers: training/run.py (training_info.json,
+# train_config.json) and exporters/export.py (manifest.json). tests/test_integration_publish.py runs
+# both and checks this reader, and the fixture copies in tests/publish_runs.py, against their output.
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _dig(data: Any, *keys: str) -> Any:
+    for key in keys:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,16 +109,17 @@ class TrainingRecord:
     """``models/<run>/training_info.json`` (+ ``train_config.json``), as publish reads it."""
 
     run_dir: Path
-    base_model: str  # Hub id or local path, as trained
-    base_revision: str | None
-    dataset_id: str
-    dataset_hash: str
+    base_model: str  # `base_model`: Hub id or local path, as trained
+    base_revision: str | None  # `base_model_revision`: the Hub commit trained on
+    dataset_id: str  # `dataset.id` (a Hub dataset) or `dataset.path` (a local file)
+    dataset_hash: str  # `dataset.content_sha256`: sha256 of the rows as read
+    dataset_revision: str | None
     backend: str | None
     steps: int | None
-    loss: dict
-    versions: dict
-    config: dict
-    metrics: dict  # peak memory, throughput and the like, as recorded
+    loss: dict  # scalars of `loss` (first, min, final, verdict, ...) and of `loss.eval`
+    versions: dict  # `versions`, packages that were not installed left out
+    config: dict  # train_config.json: the resolved configuration
+    metrics: dict  # display name -> value: device, throughput, peak memory
 
     @property
     def name(self) -> str:
@@ -112,73 +131,92 @@ class TrainingRecord:
         info = _read_json(path, problems)
         if info is None:
             return None
-        base = info.get("base_model")
-        base_revision = info.get("base_revision")
-        if isinstance(base, dict):
-            base_revision = base.get("revision") or base_revision
-            base = base.get("id") or base.get("name_or_path") or base.get("path")
-        dataset = info.get("dataset")
-        dataset_hash = info.get("dataset_hash")
-        if isinstance(dataset, dict):
-            dataset_hash = dataset.get("hash") or dataset.get("sha256") or dataset_hash
-            dataset = dataset.get("id") or dataset.get("path")
+        dataset = _as_dict(info.get("dataset"))
+        base = _str(info.get("base_model"))
+        dataset_id = _str(dataset.get("id")) or _str(dataset.get("path"))
+        dataset_hash = _str(dataset.get("content_sha256"))
         missing = [
             field
-            for field, value in (("base_model", base), ("dataset.id", dataset), ("dataset.hash", dataset_hash))
-            if not isinstance(value, str) or not value
+            for field, value in (("base_model", base), ("dataset.id/path", dataset_id), ("dataset.content_sha256", dataset_hash))
+            if value is None
         ]
         if missing:
             problems.append(f"{path}: missing {', '.join(missing)}; re-run `gptoss train` to write a complete record")
             return None
         config_path = run_dir / TRAIN_CONFIG
-        config = _read_json(config_path, problems) if config_path.exists() else info.get("config")
+        config = _read_json(config_path, problems) if config_path.is_file() else info.get("config")
+        memory = _as_dict(info.get("peak_memory"))
+        loss = {k: v for k, v in _as_dict(info.get("loss")).items() if isinstance(v, (str, int, float))}
+        loss.update({f"eval {k}": v for k, v in _as_dict(_dig(info, "loss", "eval")).items() if isinstance(v, (int, float))})
         metrics = {
-            k: info[k]
-            for k in ("peak_vram_gb", "peak_vram_bytes", "peak_memory_gb", "tokens_per_s", "step_time_s", "train_runtime_s")
-            if k in info
+            "Device": _str(memory.get("cuda_device")) or _str(info.get("device")),
+            "Profile": _str(info.get("profile")),
+            "Train time (s)": info.get("train_seconds"),
+            "Tokens per second": info.get("tokens_per_second"),
+            "Peak GPU memory (allocated)": _human_size(memory["cuda_allocated_bytes"]) if _int(memory.get("cuda_allocated_bytes")) else None,
+            "Peak GPU memory (reserved)": _human_size(memory["cuda_reserved_bytes"]) if _int(memory.get("cuda_reserved_bytes")) else None,
+            "Peak RSS": _human_size(memory["cpu_rss_bytes"]) if _int(memory.get("cpu_rss_bytes")) else None,
         }
-        steps = info.get("steps")
         return cls(
             run_dir=run_dir,
             base_model=base,
-            base_revision=base_revision if isinstance(base_revision, str) else None,
-            dataset_id=dataset,
+            base_revision=_str(info.get("base_model_revision")),
+            dataset_id=dataset_id,
             dataset_hash=dataset_hash,
-            backend=info.get("backend"),
-            steps=steps if isinstance(steps, int) else None,
-            loss=_as_dict(info.get("loss") or info.get("loss_summary")),
-            versions=_as_dict(info.get("versions") or info.get("packages")),
+            dataset_revision=_str(dataset.get("revision")),
+            backend=_str(info.get("backend")),
+            steps=_int(info.get("steps")),
+            loss=loss,
+            versions={k: v for k, v in _as_dict(info.get("versions")).items() if v is not None},
             config=_as_dict(config),
-            metrics=metrics,
+            metrics={k: v for k, v in metrics.items() if v is not None},
         )
 
 
 @dataclasses.dataclass(frozen=True)
 class Artifact:
-    """One entry of ``manifest.json``'s ``artifacts``; ``path`` is resolved against the manifest."""
+    """A file (or the merged folder) named by ``manifest.json``; ``path`` is resolved against the manifest."""
 
     path: Path
     rel: str
-    kind: str
-    quant: str | None = None
+    kind: str  # gguf | modelfile | merged
+    quant: str | None = None  # a GGUF's `label` (llama.cpp's name, e.g. Q4_K_M), the tag the Hub serves it under
     sha256: str | None = None
     size: int | None = None
     tensor_types: dict | None = None
     fallbacks: Any = None
-    fidelity: dict | None = None
-    gguf: str | None = None  # for a Modelfile: the GGUF it points at, relative to the manifest
-    files: tuple = ()  # for a directory artifact: ((rel path, sha256, size), ...)
+    fidelity: dict | None = None  # {reference, nmse, kl, top1, passed, skipped} or None when not measured
+    gguf: str | None = None  # for a Modelfile: the GGUF it belongs to, relative to the manifest
+    files: tuple = ()  # for the merged folder: ((rel path, sha256, size), ...)
+
+
+def _fidelity(raw: Any) -> dict | None:
+    """An artifact's `fidelity` in export's words (mean_kl, top1_agreement) -> the card's columns."""
+    if not isinstance(raw, dict):
+        return None
+    return {"reference": raw.get("reference"), "nmse": raw.get("nmse"), "kl": raw.get("mean_kl"),
+            "top1": raw.get("top1_agreement"), "passed": raw.get("passed"), "skipped": raw.get("skipped")}
 
 
 @dataclasses.dataclass(frozen=True)
 class ExportManifest:
-    """``exports/<run>/manifest.json``, as publish reads it."""
+    """``exports/<run>/manifest.json``, as publish reads it.
+
+    Export lists each GGUF in ``artifacts`` (``kind: gguf``, with its Modelfile as ``modelfile`` /
+    ``modelfile_sha256`` / ``modelfile_size``) and the merged folder under ``merged`` (``path``,
+    ``files``); here both become Artifacts of kind gguf, modelfile and merged.
+    """
 
     export_dir: Path
-    run: str | None
-    inputs: dict
-    versions: dict
+    run: str | None  # `run`: the export's name
+    training_run: str | None  # `inputs.run`: the training run folder it was made from
+    base_model: str | None  # `inputs.base.id`
+    base_revision: str | None
+    adapter_sha256: str | None
+    merge_identity: str | None
+    versions: dict  # `tools` without the llama.cpp commit and converter
     llama_cpp_commit: str | None
+    fidelity_prompts: int | None
     artifacts: tuple[Artifact, ...]
 
     def of_kind(self, kind: str) -> list[Artifact]:
@@ -196,40 +234,45 @@ class ExportManifest:
             return None
         artifacts = []
         for i, entry in enumerate(raw):
-            if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry.get("kind"):
-                problems.append(f"{path}: artifacts[{i}] needs 'path' and 'kind'")
+            rel = _str(entry.get("path")) if isinstance(entry, dict) else None
+            if rel is None:
+                problems.append(f"{path}: artifacts[{i}] has no 'path'; re-run `gptoss export`")
                 continue
+            if str(entry.get("kind", "gguf")).lower() != "gguf":  # manifests before `kind` listed GGUFs only
+                continue
+            quant = _str(entry.get("label")) or _str(entry.get("quant"))
+            artifacts.append(Artifact(
+                path=export_dir / rel, rel=rel, kind="gguf", quant=quant.upper() if quant else None,
+                sha256=_str(entry.get("sha256")), size=_int(entry.get("size")), tensor_types=entry.get("tensor_types"),
+                fallbacks=entry.get("fallbacks"), fidelity=_fidelity(entry.get("fidelity")),
+            ))
+            modelfile = _str(entry.get("modelfile"))
+            if modelfile:
+                artifacts.append(Artifact(
+                    path=export_dir / modelfile, rel=modelfile, kind="modelfile", gguf=rel,
+                    sha256=_str(entry.get("modelfile_sha256")), size=_int(entry.get("modelfile_size")),
+                ))
+        merged = _as_dict(data.get("merged"))
+        if _str(merged.get("path")):
             files = tuple(
-                (f["path"], f.get("sha256"), f.get("size"))
-                for f in entry.get("files") or ()
-                if isinstance(f, dict) and isinstance(f.get("path"), str)
+                (f["path"], _str(f.get("sha256")), _int(f.get("size")))
+                for f in merged.get("files") or ()
+                if isinstance(f, dict) and _str(f.get("path"))
             )
-            artifacts.append(
-                Artifact(
-                    path=(export_dir / entry["path"]),
-                    rel=entry["path"],
-                    kind=str(entry["kind"]).lower(),
-                    quant=str(entry["quant"]).upper() if entry.get("quant") else None,
-                    sha256=entry.get("sha256"),
-                    size=entry.get("size"),
-                    tensor_types=entry.get("tensor_types"),
-                    fallbacks=entry.get("fallbacks"),
-                    fidelity=entry.get("fidelity"),
-                    gguf=entry.get("gguf"),
-                    files=files,
-                )
-            )
-        llama = data.get("llama_cpp")
-        commit = llama.get("commit") if isinstance(llama, dict) else data.get("llama_cpp_commit")
-        run = data.get("run")
-        if not run and isinstance(data.get("inputs"), dict):
-            run = data["inputs"].get("run")
+            artifacts.append(Artifact(path=export_dir / merged["path"], rel=merged["path"], kind="merged", files=files))
+        tools = _as_dict(data.get("tools"))
+        inputs = _as_dict(data.get("inputs"))
         return cls(
             export_dir=export_dir,
-            run=run if isinstance(run, str) else None,
-            inputs=_as_dict(data.get("inputs")),
-            versions=_as_dict(data.get("versions")),
-            llama_cpp_commit=commit if isinstance(commit, str) else None,
+            run=_str(data.get("run")),
+            training_run=_str(inputs.get("run")),
+            base_model=_str(_dig(inputs, "base", "id")),
+            base_revision=_str(_dig(inputs, "base", "revision")),
+            adapter_sha256=_str(_dig(inputs, "adapter", "files", "adapter_model.safetensors", "sha256")),
+            merge_identity=_str(_dig(merged, "identity", "merge_identity")),
+            versions={k: v for k, v in tools.items() if k not in ("llama_cpp_commit", "converter") and isinstance(v, str)},
+            llama_cpp_commit=_str(tools.get("llama_cpp_commit")),
+            fidelity_prompts=_int(_dig(data, "fidelity_prompts", "count")),
             artifacts=tuple(artifacts),
         )
 
@@ -469,45 +512,38 @@ def _plan_adapter(training_dir: Path | None, problems: list[str]) -> tuple[Train
 
 
 def _plan_merged(manifest: ExportManifest, problems: list[str]) -> list[RepoFile]:
+    where = manifest.export_dir / MANIFEST
     merged = manifest.of_kind("merged")
     if not merged:
-        problems.append(
-            f"{manifest.export_dir / MANIFEST}: no 'merged' artifact; run `gptoss merge --run ...` first"
-        )
+        problems.append(f"{where}: no 'merged' folder recorded; re-run `gptoss export`")
         return []
-    missing = [a for a in merged if not a.path.exists()]
-    for a in missing:
-        problems.append(f"{a.path}: merged artifact listed in {MANIFEST} is missing; re-run `gptoss merge`")
-    if missing:
+    merged_dir = merged[0].path
+    if not merged_dir.is_dir():
+        problems.append(f"{merged_dir}: the merged folder named in {MANIFEST} is missing; re-run `gptoss export` (it merges again)")
         return []
-    dirs = {a.path if a.path.is_dir() else a.path.parent for a in merged}
-    if len(dirs) != 1:
-        problems.append(f"{manifest.export_dir / MANIFEST}: 'merged' artifacts span several folders: {sorted(map(str, dirs))}")
-        return []
-    merged_dir = dirs.pop()
-    expected: dict[Path, tuple[str | None, int | None]] = {}
-    for a in merged:
-        if a.path.is_file():
-            expected[a.path] = (a.sha256, a.size)
-        for rel, sha, size in a.files:
-            expected[manifest.export_dir / rel] = (sha, size)
+    expected = {manifest.export_dir / rel: (sha, size) for rel, sha, size in merged[0].files}
+    if not expected:
+        problems.append(f"{where}: 'merged' lists no files; re-run `gptoss export`")
     for p in expected:
         if not p.is_file():
-            problems.append(f"{p}: listed in {MANIFEST} but missing; re-run `gptoss merge`")
+            problems.append(f"{p}: listed in {MANIFEST} but missing; re-run `gptoss export`")
     for name in MERGED_REQUIRED:
         if not (merged_dir / name).is_file():
-            problems.append(f"{merged_dir / name} is missing; re-run `gptoss merge`")
-    local = _files_under(merged_dir)
+            problems.append(f"{merged_dir / name} is missing; re-run `gptoss export`")
+    local = _files_under(merged_dir, skip_names=("README.md", MERGE_RECORD))
     if not any(p.suffix == ".safetensors" for p in local):
-        problems.append(f"{merged_dir}: no .safetensors weights; re-run `gptoss merge`")
+        problems.append(f"{merged_dir}: no .safetensors weights; re-run `gptoss export`")
     index = merged_dir / "model.safetensors.index.json"
     if index.is_file():
         data = _read_json(index, problems) or {}
         for shard in sorted(set(_as_dict(data.get("weight_map")).values())):
             if not (merged_dir / shard).is_file():
-                problems.append(f"{merged_dir / shard}: shard named in {index.name} is missing; re-run `gptoss merge`")
+                problems.append(f"{merged_dir / shard}: shard named in {index.name} is missing; re-run `gptoss export`")
     files = []
     for p in local:
+        if expected and p not in expected:
+            problems.append(f"{p}: not among the merged files of {MANIFEST} (added after export?); remove it or re-run `gptoss export`")
+            continue
         sha, size = expected.get(p, (None, None))
         files.append(RepoFile(p.relative_to(merged_dir).as_posix(), local=p, expected_sha256=sha, expected_size=size))
     return files
@@ -846,7 +882,7 @@ def _published(folder: Path | None) -> dict:
 def card_metadata(plan: PublishPlan) -> dict:
     """The YAML header: what the Hub indexes (base model lineage, library, license, data, tags)."""
     training = plan.training
-    base = training.base_model if training else plan.manifest.inputs.get("base_model") if plan.manifest else None
+    base = training.base_model if training else plan.manifest.base_model if plan.manifest else None
     base = base if isinstance(base, str) else None
     relation = {"adapter": "adapter", "merged": "finetune", "gguf": "quantized"}[plan.what]
     base_model = base if _is_hub_id(base) else None
@@ -882,7 +918,7 @@ def build_card_text(plan: PublishPlan) -> str:
 def _card_body(plan: PublishPlan) -> str:
     t = plan.training
     repo = plan.repo_id
-    base = t.base_model if t else (plan.manifest.inputs.get("base_model") if plan.manifest else None)
+    base = t.base_model if t else (plan.manifest.base_model if plan.manifest else None)
     base_shown = base if _is_hub_id(base) else _public(base) or "(not recorded)"
     dataset_shown = (t.dataset_id if _is_hub_id(t.dataset_id) else _public(t.dataset_id)) if t else None
     kind_line = {
@@ -916,40 +952,52 @@ def _card_body(plan: PublishPlan) -> str:
 
 
 def _quant_section(plan: PublishPlan) -> list[str]:
+    m = plan.manifest
+    prompts = f"{m.fidelity_prompts} fixed Harmony prompts" if m and m.fidelity_prompts else "a fixed Harmony prompt set"
     out = [
         "## Quantizations",
         "",
         "Figures from the export record (`manifest.json`): size, tensor types, how many tensors fell back "
-        "to another type, and fidelity of the logits against the reference (NMSE, mean KL divergence, "
-        "top-1 agreement).",
+        f"to another type, and fidelity of the logits on {prompts} against the reference below "
+        "(NMSE, mean KL divergence, top-1 agreement).",
         "",
         "| Tag | File | Size | Tensor types | Fallbacks | NMSE | KL | Top-1 | sha256 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     any_fallback = False
+    references: dict[str, list[str]] = {}
+    failed = []
     for e in plan.ggufs:
         a = e.artifact
         fid = a.fidelity or {}
         types = ", ".join(f"{k}×{v}" for k, v in sorted((a.tensor_types or {}).items(), key=lambda kv: -kv[1])) or "n/a"
         fallbacks = a.fallbacks
-        if isinstance(fallbacks, dict):
-            fallbacks = fallbacks.get("count", sum(v for v in fallbacks.values() if isinstance(v, int)))
-        elif isinstance(fallbacks, list):
+        if isinstance(fallbacks, list):
             fallbacks = len(fallbacks)
         any_fallback |= bool(fallbacks)
-        top1 = fid.get("top1")
-        top1 = f"{top1 * 100:.1f}%" if isinstance(top1, (int, float)) and top1 <= 1 else _fmt(top1)
-        nmse, kl = _fmt(fid.get("nmse")), _fmt(fid.get("kl"))
-        if not fid and a.quant in ("F16", "BF16", "F32"):
-            nmse = kl = top1 = "ref."  # the reference the other quants are measured against
+        if isinstance(fid.get("nmse"), (int, float)):
+            top1 = fid.get("top1")
+            top1 = f"{top1 * 100:.1f}%" if isinstance(top1, (int, float)) else _fmt(top1)
+            nmse, kl = _fmt(fid.get("nmse")), _fmt(fid.get("kl"))
+            references.setdefault(str(fid.get("reference") or "not recorded"), []).append(e.tag)
+            if fid.get("passed") is False:
+                failed.append(e.tag)
+        elif a.quant in ("F16", "BF16", "F32"):
+            nmse = kl = top1 = "ref."  # not measured itself; the reference the other quants are measured against
+        else:
+            nmse = kl = top1 = "n/a"
         out.append(
             f"| `{e.tag}` | `{e.file.path_in_repo}` | {_human_size(e.file.size or 0)} | {types} | {_fmt(fallbacks)} "
             f"| {nmse} | {kl} | {top1} | `{e.file.sha256[:12]}` |"
         )
-    refs = {str(e.artifact.fidelity.get("reference")) for e in plan.ggufs if e.artifact.fidelity and e.artifact.fidelity.get("reference")}
     out.append("")
-    if refs:
-        out += [f"Fidelity reference: {', '.join(sorted(refs))}.", ""]
+    if references:
+        out += ["Fidelity references: " + "; ".join(
+            f"{', '.join(f'`{t}`' for t in tags)} against {f'`{ref}`' if ref.endswith('.gguf') else ref}"
+            for ref, tags in references.items()) + ".", ""]
+    if failed:
+        out += [f"{', '.join(f'`{t}`' for t in failed)} did not meet the export's fidelity thresholds "
+                "(recorded in `manifest.json`); prefer another quant.", ""]
     if any_fallback:
         out += [
             "Fallbacks are tensors that the quant type could not hold: K-quants need rows that are multiples "
@@ -1061,8 +1109,9 @@ def _training_section(plan: PublishPlan) -> list[str]:
         ("Run", f"`{t.name}`"),
         ("Base model", f"`{t.base_model if _is_hub_id(t.base_model) else _public(t.base_model)}`"
          + (f" @ `{t.base_revision}`" if t.base_revision else " (revision not recorded)")),
-        ("Dataset", f"`{t.dataset_id if _is_hub_id(t.dataset_id) else _public(t.dataset_id)}`"),
-        ("Dataset hash", f"`{t.dataset_hash}`"),
+        ("Dataset", f"`{t.dataset_id if _is_hub_id(t.dataset_id) else _public(t.dataset_id)}`"
+         + (f" @ `{t.dataset_revision}`" if t.dataset_revision else "")),
+        ("Dataset content sha256", f"`{t.dataset_hash}`"),
         ("Backend", _fmt(t.backend)),
         ("Steps", _fmt(t.steps)),
     ]
@@ -1076,11 +1125,10 @@ def _training_section(plan: PublishPlan) -> list[str]:
             ("LoRA target modules", f"`{targets}`"),
             ("LoRA target parameters (experts)", f"`{ac.get('target_parameters') or 'none'}`"),
         ]
-    rows += [(k.replace("_", " "), _fmt(v)) for k, v in sorted(t.metrics.items())]
+    rows += [(k, _fmt(v)) for k, v in t.metrics.items()]
     out += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
-    loss = {k: v for k, v in t.loss.items() if not isinstance(v, (list, dict))}
-    if loss:
-        out += ["Loss summary:", "", "| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in loss.items()] + [""]
+    if t.loss:
+        out += ["Loss summary:", "", "| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in t.loss.items()] + [""]
     else:
         out += ["Loss summary: not recorded.", ""]
     if t.config:
@@ -1096,9 +1144,13 @@ def _provenance_section(plan: PublishPlan) -> list[str]:
     m = plan.manifest
     if m is not None:
         out += [f"- llama.cpp commit: `{m.llama_cpp_commit or 'not recorded'}`"]
-        for k, v in sorted(m.inputs.items()):
-            if isinstance(v, (str, int, float)):
-                out.append(f"- export input `{k}`: `{_public(v)}`")
+        if m.base_model:
+            shown = m.base_model if _is_hub_id(m.base_model) else _public(m.base_model)
+            out.append(f"- base model merged into: `{shown}`" + (f" @ `{m.base_revision}`" if m.base_revision else ""))
+        if m.adapter_sha256:
+            out.append(f"- adapter weights (`adapter_model.safetensors`) sha256: `{m.adapter_sha256}`")
+        if m.merge_identity:
+            out.append(f"- merge identity (hash of the merge inputs and settings): `{m.merge_identity}`")
         out.append("")
     versions: dict[str, dict] = {}
     if plan.training:

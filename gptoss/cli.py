@@ -15,9 +15,13 @@ from gptoss.errors import ToolchainError
 # so the torch-free serving image never imports the trainer.
 COMMANDS = {
     "fixture": "gptoss.fixtures:fixture",
+    "train": "training:train",
+    "merge": "exporters.merge:merge",
+    "export": "exporters.export:export",
     "modelfile": "modelfiles:write",
     "publish": "exporters.publish:publish",
     "serve": "serving:serve",
+    "pipeline": "gptoss.pipeline:pipeline",
 }
 
 

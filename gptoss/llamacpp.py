@@ -79,6 +79,7 @@ def source_dir() -> Path:
     prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/"
     vendor = prefix + "vendor/llama.cpp/"
     head = prefix + ".git/modules/vendor/llama.cpp/HEAD"
+    cache_root().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="src.partial-", dir=cache_root()))
     try:
         with tarfile.open(archive) as tar:
@@ -93,7 +94,9 @@ def source_dir() -> Path:
                         continue
                     m.name = rel
                     members.append(m)
-            tar.extractall(tmp, members=members, filter="data")
+            # The "data" filter (no links out, no devices) where this Python has it (3.11.4+, 3.12).
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(tmp, members=members, **safe)
         marker_tmp = tmp / ".complete"
         marker_tmp.write_text(LLAMA_CPP_PYTHON_VERSION + "\n")
         if target.exists():

@@ -1,8 +1,10 @@
-"""Realistic run folders for the publish tests: what `gptoss train`, `merge`, `export` and `modelfile` write.
+"""Realistic run folders for the publish tests: what `gptoss train` and `gptoss export` write.
 
-Weights are small random tensors (the publish stage never loads them), but every record, file name and
-layout follows the stage contracts: models/<run>/{adapter/, train_config.json, training_info.json} and
-exports/<run>/{merged/, gguf/*.gguf + Modelfiles, manifest.json} with sha256 and sizes.
+Weights are small random tensors (the publish stage never loads them), but the records use the real
+writers' formats: ``training_info.json`` as training/run.py writes it, ``train_config.json`` from the
+real TrainConfig, Modelfiles from modelfiles.render, ``manifest.json`` as exporters/export.py writes
+it. tests/test_integration_publish.py runs the real stages and checks these records have the same
+keys, so a change in a writer shows up there.
 """
 
 from __future__ import annotations
@@ -18,17 +20,19 @@ RUN = "gpt-oss-20b_quick_test_r8_20250101-120000"
 BASE = "openai/gpt-oss-20b"
 BASE_REVISION = "6cee5e81ee83917806bbde320786a8fb61efebee"
 DATASET = "HuggingFaceH4/Multilingual-Thinking"
-DATASET_HASH = "sha256:" + hashlib.sha256(b"multilingual-thinking rows").hexdigest()
+DATASET_HASH = hashlib.sha256(b"multilingual-thinking rows").hexdigest()
 LLAMA_CPP_COMMIT = "4e6d3a5b8f0c1d2e3f4a5b6c7d8e9f0a1b2c3d4e"
-QUANTS = ("F16", "Q4_K_M", "Q5_K_M", "MXFP4_MOE")
+QUANTS = ("F16", "Q4_K_M", "Q5_K_M", "MXFP4_MOE")  # llama.cpp labels: file suffixes and Hub tags
 
-TEMPLATE = (
-    "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
-    "Knowledge cutoff: 2024-06\nCurrent date: {{ currentDate }}\n\n"
-    "Reasoning: {{ if .Think }}high{{ else }}medium{{ end }}\n\n"
-    "# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>"
-    "{{- range .Messages }}<|start|>{{ .Role }}<|message|>{{ .Content }}<|end|>{{ end }}<|start|>assistant"
-)
+
+def harmony_template() -> str:
+    """The TEMPLATE of the Modelfiles below (the Modelfiles stage's Harmony template)."""
+    from modelfiles import harmony_template
+
+    return harmony_template()
+
+
+TEMPLATE = harmony_template()
 
 
 @dataclasses.dataclass
@@ -45,8 +49,10 @@ class Runs:
         return self.export_dir / "gguf" / f"{self.export_dir.name}-{quant}.gguf"
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _digest(path: Path) -> dict:
+    """exporters.records.file_digest: size, mtime_ns, sha256."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
 def _safetensors(path: Path, tensors: dict[str, tuple[int, int]], seed: int) -> None:
@@ -66,11 +72,12 @@ def _tokenizer_files(folder: Path) -> None:
     (folder / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0}}}))
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"eos_token": "<|return|>", "pad_token": "<|endoftext|>", "model_max_length": 131072}))
-    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|return|>"}))
     (folder / "chat_template.jinja").write_text("{# Harmony chat template #}{% for m in messages %}{{ m.content }}{% endfor %}")
 
 
 def build_training_run(root: Path, name: str = RUN) -> Path:
+    from training.config import TrainConfig
+
     run = root / "models" / name
     adapter = run / "adapter"
     adapter.mkdir(parents=True)
@@ -85,28 +92,53 @@ def build_training_run(root: Path, name: str = RUN) -> Path:
                  | {f"base_model.model.model.layers.{i}.mlp.experts.lora_B.weight": (512, 8) for i in range(2)}, seed=1)
     _tokenizer_files(adapter)
     (adapter / "README.md").write_text("---\nlibrary_name: peft\n---\n# Model Card for Model ID\n(PEFT's template)\n")
-    ckpt = run / "checkpoints" / "checkpoint-5"
+    ckpt = run / "checkpoints" / "step-000005"
     ckpt.mkdir(parents=True)
     (ckpt / "optimizer.pt").write_bytes(b"\0" * 64)
-    config = {
-        "profile": "quick_test", "model": BASE, "dataset": DATASET, "max_steps": 30, "rank": 8, "alpha": 16,
-        "learning_rate": 2e-4, "optimizer": "adamw_8bit", "batch_size": 2, "grad_accum": 8, "max_seq_len": 1024,
-        "loss_on": "all_assistant", "output_dir": f"/home/alice/work/models/{name}", "seed": 3407,
-    }
+    config = TrainConfig(
+        profile="quick_test", model=BASE, backend="unsloth", device="cuda", dataset=DATASET, max_steps=30,
+        save_steps=10, warmup_steps=3, output_dir="/home/alice/work/models", run_name=name,
+    ).to_dict()
     (run / "train_config.json").write_text(json.dumps(config, indent=2))
+    start = {"attention": {"parameters": 28672, "tensors": 16, "lora_B_norm": 0.0},
+             "experts.down_proj": {"parameters": 32768, "tensors": 4, "lora_B_norm": 0.0},
+             "experts.gate_up_proj": {"parameters": 49152, "tensors": 4, "lora_B_norm": 0.0}}
+    end = {k: {**v, "lora_B_norm": 0.012} for k, v in start.items()}
     (run / "training_info.json").write_text(json.dumps({
-        "run": name, "toolchain_version": "0.1.0", "backend": "unsloth",
-        "base_model": {"id": BASE, "revision": BASE_REVISION},
-        "dataset": {"id": DATASET, "hash": DATASET_HASH, "rows": 1000},
-        "steps": 30,
-        "loss": {"first": 2.314, "final": 0.612, "min": 0.588, "eval": 0.701, "history": [2.3, 1.2, 0.61]},
-        "versions": {"torch": "2.11.0+cu130", "transformers": "5.17.0", "peft": "0.17.1", "unsloth": "2026.1.1"},
-        "peak_vram_gb": 13.4, "tokens_per_s": 2150.0,
+        "format": 1, "run": name, "base_model": BASE, "base_model_revision": BASE_REVISION,
+        "backend": "unsloth", "device": "cuda", "profile": "quick_test", "adapter": "adapter",
+        "started_at": "2025-01-01T12:00:00+00:00", "finished_at": "2025-01-01T12:09:30+00:00",
+        "steps": 30, "max_steps": 30, "resumed_from_step": None, "tokens": 491520, "supervised_tokens": 201000,
+        "train_seconds": 228.6, "seconds_per_step": 7.62, "tokens_per_second": 2150.0,
+        "steady_state": {"steps": 29, "median_step_seconds": 7.5, "median_tokens_per_second": 2184.5},
+        "model_load_seconds": 41.2,
+        "loss": {"first": 2.314, "min": 0.588, "final": 0.612, "final_window_steps": 3, "target": 0.5,
+                 "verdict": "ok", "note": "final loss 0.612 is near the target 0.5",
+                 "history": [[1, 2.314], [15, 1.2], [30, 0.61]],
+                 "eval": {"final": 0.701, "min": 0.69, "history": [[10, 0.9], [30, 0.701]]}},
+        "peak_memory": {"cpu_rss_bytes": 9_812_000_000, "cuda_allocated_bytes": 13_400_000_000,
+                        "cuda_reserved_bytes": 14_100_000_000, "cuda_device": "NVIDIA H100 80GB HBM3"},
+        "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "rslora": False, "targets": "all",
+                 "target_modules": ["k_proj", "o_proj", "q_proj", "v_proj"],
+                 "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                 "trainable_at_start": start, "trainable_at_end": end, "experts_trained": True},
+        "dataset": {"id": DATASET, "path": None, "format": "hub", "split": "train",
+                    "revision": "0d3f0c1a2b3c4d5e6f708192a3b4c5d6e7f80912", "content_sha256": DATASET_HASH,
+                    "file_sha256": None,
+                    "rows": {"read": 1000, "bad": 0, "too_long_dropped": 0, "truncated": 0,
+                             "no_supervised_tokens": 0, "kept": 1000},
+                    "train_examples": 1000, "eval_examples": 0, "train_tokens": 512000,
+                    "train_supervised_tokens": 210000},
+        "versions": {"python": "3.12.3", "gptoss-toolchain": "0.1.0", "torch": "2.11.0+cu130",
+                     "transformers": "5.17.0", "peft": "0.17.1", "unsloth": "2026.1.1", "trl": None},
+        "config": config,
     }, indent=2))
     return run
 
 
 def build_export(root: Path, name: str = RUN) -> Path:
+    from modelfiles import render
+
     export = root / "exports" / name
     merged = export / "merged"
     merged.mkdir(parents=True)
@@ -120,45 +152,69 @@ def build_export(root: Path, name: str = RUN) -> Path:
         "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
                        "lm_head.weight": "model-00002-of-00002.safetensors"}}))
     _tokenizer_files(merged)
+    (merged / "merge_info.json").write_text(json.dumps({"format": 1, "inputs": {"adapter": {"path": f"/home/alice/work/models/{name}/adapter"}}}))
     gguf_dir = export / "gguf"
     gguf_dir.mkdir()
     rng = random.Random(f"gguf {name}")
     sizes = {"F16": 300_000, "Q4_K_M": 700_000, "Q5_K_M": 200_000, "MXFP4_MOE": 150_000}
+    nominal = {"F16": "F16", "Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "MXFP4_MOE": "MXFP4"}
     types = {
         "F16": ({"F16": 14, "F32": 11}, 0),
         "Q4_K_M": ({"Q4_K": 8, "Q6_K": 2, "Q5_0": 4, "F32": 11}, 4),
         "Q5_K_M": ({"Q5_K": 8, "Q6_K": 2, "Q5_1": 4, "F32": 11}, 4),
         "MXFP4_MOE": ({"MXFP4": 4, "Q8_0": 10, "F32": 11}, 0),
     }
-    fidelity = {"F16": None, "Q4_K_M": (3.1e-3, 0.0112, 0.969), "Q5_K_M": (9.4e-4, 0.0041, 0.984),
+    fidelity = {"F16": (2.1e-6, 1.3e-6, 1.0), "Q4_K_M": (3.1e-3, 0.0112, 0.969), "Q5_K_M": (9.4e-4, 0.0041, 0.984),
                 "MXFP4_MOE": (5.5e-3, 0.0198, 0.953)}
-    artifacts = [{"path": "merged", "kind": "merged", "files": [
-        {"path": f"merged/{p.name}", "sha256": _sha(p), "size": p.stat().st_size} for p in sorted(merged.iterdir())]}]
+    prompts_sha256 = hashlib.sha256(b"fidelity prompts").hexdigest()
+    artifacts = []
     for quant in QUANTS:
         gguf = gguf_dir / f"{name}-{quant}.gguf"
         gguf.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 25, 30) + rng.randbytes(sizes[quant]))
         modelfile = gguf_dir / f"{name}-{quant}.Modelfile"
-        modelfile.write_text(
-            "# Generated by gptoss modelfile\n"
-            f"FROM ./{gguf.name}\n"
-            f'TEMPLATE """{TEMPLATE}"""\n'
-            "PARAMETER temperature 1.0\nPARAMETER top_p 1.0\nPARAMETER num_ctx 8192\n"
-        )
+        modelfile.write_text(render(from_line=f"./{gguf.name}", system=None, num_ctx=8192))
         tensor_types, fallbacks = types[quant]
-        fid = fidelity[quant]
+        nmse, kl, top1 = fidelity[quant]
+        reference = "merged HF model (transformers, float32)" if quant == "F16" else f"{name}-F16.gguf"
+        g, m = _digest(gguf), _digest(modelfile)
         artifacts.append({
-            "path": f"gguf/{gguf.name}", "kind": "gguf", "quant": quant, "sha256": _sha(gguf),
-            "size": gguf.stat().st_size, "tensor_types": tensor_types, "fallbacks": fallbacks,
-            "fidelity": None if fid is None else {"nmse": fid[0], "kl": fid[1], "top1": fid[2], "reference": "F16 GGUF"},
+            "kind": "gguf", "path": f"gguf/{gguf.name}", "quant": quant.lower(), "label": quant,
+            "sha256": g["sha256"], "size": g["size"], "nominal_type": nominal[quant], "tensor_count": 25,
+            "tensor_types": tensor_types, "tensor_type_bytes": {t: 1000 * n for t, n in tensor_types.items()},
+            "fallbacks": fallbacks, "fallback_tensors": [f"blk.{i}.ffn_down_exps.weight" for i in range(fallbacks)],
+            "quantizable_weights": 14, "off_nominal_weights": fallbacks + 2,
+            "off_nominal_weight_types": {"output.weight": "Q6_K"}, "chat_template": True,
+            "fidelity": {"reference": reference, "nmse": nmse, "mean_kl": kl, "top1_agreement": top1,
+                         "max_abs_diff": 0.5, "positions": 300, "median_position_nmse": nmse / 2,
+                         "thresholds": {"max_nmse": 0.15, "max_kl": 0.05, "min_top1": 0.0}, "passed": True,
+                         "prompts_sha256": prompts_sha256},
+            "tool": "convert_hf_to_gguf.py" if quant == "F16" else "llama-quantize", "elapsed_s": 12.5,
+            "peak_rss_bytes": 2_000_000_000, "skipped": False,
+            "modelfile": f"gguf/{modelfile.name}", "modelfile_sha256": m["sha256"], "modelfile_size": m["size"],
         })
-        artifacts.append({"path": f"gguf/{modelfile.name}", "kind": "modelfile", "gguf": f"gguf/{gguf.name}",
-                          "sha256": _sha(modelfile), "size": modelfile.stat().st_size})
+    adapter_files = {p.name: _digest(p) for p in sorted((root / "models" / name / "adapter").iterdir()) if p.is_file()}
     (export / "manifest.json").write_text(json.dumps({
+        "format": 1,
         "run": name,
-        "inputs": {"run": f"models/{name}", "base_model": BASE, "base_revision": BASE_REVISION,
-                   "adapter_sha256": _sha(root / "models" / name / "adapter" / "adapter_model.safetensors")},
-        "versions": {"gguf": "0.17.1", "llama_cpp_python": "0.3.36", "transformers": "5.17.0"},
-        "llama_cpp": {"commit": LLAMA_CPP_COMMIT, "version": "0.3.36"},
+        "created": "2025-01-01T12:30:00+00:00",
+        "inputs": {
+            "run": str(root / "models" / name),
+            "training_info": _digest(root / "models" / name / "training_info.json"),
+            "base": {"id": BASE, "path": f"/home/alice/.cache/huggingface/hub/models--openai--gpt-oss-20b/snapshots/{BASE_REVISION}",
+                     "revision": BASE_REVISION, "quantization": "mxfp4", "files": {}},
+            "adapter": {"path": str(root / "models" / name / "adapter"), "files": adapter_files},
+            "dtype": "BF16",
+            "max_shard_bytes": 5_000_000_000,
+        },
+        "merged": {"path": "merged", "identity": {"merge_identity": hashlib.sha256(b"merge").hexdigest()},
+                   "files": [{"path": f"merged/{p.name}", **{k: v for k, v in _digest(p).items() if k != "mtime_ns"}}
+                             for p in sorted(merged.iterdir())],
+                   "merge": {"skipped": False, "elapsed_s": 310.2, "peak_rss_bytes": 6_100_000_000}},
+        "tools": {"llama_cpp_commit": LLAMA_CPP_COMMIT, "llama_cpp_python": "0.3.36",
+                  "converter": "convert_hf_to_gguf.py (vendored in llama-cpp-python sdist)",
+                  "python": "3.12.3", "gptoss-toolchain": "0.1.0", "torch": "2.11.0+cu130", "transformers": "5.17.0"},
+        "commands": {"export": f"gptoss export --run models/{name}", "steps": []},
+        "fidelity_prompts": {"count": 4, "sha256": prompts_sha256},
         "artifacts": artifacts,
     }, indent=2))
     return export

@@ -19,7 +19,7 @@ def test_command_table_matches_readme():
 
 
 def test_commands_live_in_stage_folders():
-    stage_modules = ("gptoss.fixtures", "training", "exporters", "modelfiles", "serving")
+    stage_modules = ("gptoss.fixtures", "gptoss.pipeline", "training", "exporters", "modelfiles", "serving")
     for name in COMMANDS:
         fn = resolve(name)
         assert fn.__module__.startswith(stage_modules), f"{name} -> {fn.__module__}"

@@ -144,8 +144,8 @@ def test_dry_run_cli_needs_no_token_and_no_endpoint(runs, tmp_path):
 def test_card_for_a_local_base_and_dataset_names_no_hub_ids(runs, tmp_path):
     info_path = runs.training_dir / "training_info.json"
     info = json.loads(info_path.read_text())
-    info.update(backend="transformers", base_model={"path": str(tmp_path / "models" / "tiny")},
-                dataset={"id": str(tmp_path / "data" / "train.jsonl"), "hash": "sha256:abc"})
+    info.update(backend="transformers", base_model=str(tmp_path / "models" / "tiny"), base_model_revision=None,
+                dataset={**info["dataset"], "id": None, "path": str(tmp_path / "data" / "train.jsonl"), "format": "jsonl"})
     info_path.write_text(json.dumps(info))
     plan = pub.plan_publish(run=runs.training_dir, repo_id="acme/tiny-lora", what="adapter")
     meta = plan.card.data.to_dict()
@@ -168,13 +168,31 @@ def test_gguf_card_without_a_training_record(runs):
 def test_unlisted_modelfile_next_to_its_gguf_is_used(runs):
     manifest_path = runs.export_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["kind"] != "modelfile"]
+    for a in manifest["artifacts"]:  # as export writes it when it made no Modelfile
+        a.update(modelfile=None, modelfile_sha256=None, modelfile_size=None)
     manifest_path.write_text(json.dumps(manifest))
     plan = pub.plan_publish(run=runs.export_dir, repo_id="acme/x-GGUF", what="gguf")
     assert sorted(e.modelfile.path_in_repo for e in plan.ggufs) == sorted(f"{RUN}-{q}.Modelfile" for q in QUANTS)
     (runs.export_dir / "gguf" / f"{RUN}-Q5_K_M.Modelfile").unlink()
     with pytest.raises(pub.PublishError, match=r"Q5_K_M\.gguf: no Modelfile .* points at it"):
         pub.plan_publish(run=runs.export_dir, repo_id="acme/x-GGUF", what="gguf")
+
+
+def test_quant_table_says_what_was_measured_and_what_failed(runs):
+    manifest_path = runs.export_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    by_label = {a["label"]: a for a in manifest["artifacts"]}
+    by_label["F16"]["fidelity"] = {"reference": None, "skipped": "--compare-hf off", "prompts_sha256": "x"}
+    by_label["MXFP4_MOE"]["fidelity"] = None  # export --fidelity false
+    by_label["Q5_K_M"]["fidelity"]["passed"] = False
+    manifest_path.write_text(json.dumps(manifest))
+    body = str(pub.plan_publish(run=runs.export_dir, repo_id="acme/x-GGUF", what="gguf").card)
+    rows = {line.split("|")[1].strip(" `"): [c.strip() for c in line.strip("|").split("|")]
+            for line in body.splitlines() if line.startswith("| `")}
+    assert rows["F16"][5:8] == ["ref."] * 3 and rows["MXFP4_MOE"][5:8] == ["n/a"] * 3
+    assert rows["Q5_K_M"][5:8] == ["0.00094", "0.0041", "98.4%"]
+    assert f"`Q4_K_M`, `Q5_K_M` against `{RUN}-F16.gguf`." in body
+    assert "`Q5_K_M` did not meet the export's fidelity thresholds" in body
 
 
 # ------------------------------------------------------------------------------------- uploads
@@ -218,6 +236,9 @@ def test_publish_merged_uses_multipart_for_large_files(runs, hub_env):
     files = hub.files("acme/gpt-oss-ft")
     merged = runs.export_dir / "merged"
     for p in merged.iterdir():
+        if p.name == "merge_info.json":  # merge's record (local paths) stays local
+            assert p.name not in files
+            continue
         assert sha(files[p.name]) == sha(p.read_bytes()), p.name
     big = sha((merged / "model-00001-of-00002.safetensors").read_bytes())  # 524 kB > 512 kB threshold
     assert lfs_events(hub, big) == ["part", "part", "part", "stored"]
@@ -236,9 +257,10 @@ def test_publish_gguf_layout_serves_each_quant_by_tag(runs, hub_env):
     manifest = json.loads((runs.export_dir / "manifest.json").read_text())
     ggufs = [a for a in manifest["artifacts"] if a["kind"] == "gguf"]
     served = {pub.gguf_quant_tag(p): p for p in files if p.endswith(".gguf")}
-    assert served == {a["quant"]: Path(a["path"]).name for a in ggufs}  # one file per tag, at the root
+    assert served == {a["label"]: Path(a["path"]).name for a in ggufs}  # one file per tag, at the root
     for a in ggufs:
         assert sha(files[Path(a["path"]).name]) == a["sha256"]
+        assert sha(files[Path(a["modelfile"]).name]) == a["modelfile_sha256"]
     for quant in QUANTS:  # every Modelfile ships next to its GGUF and its FROM resolves in the repo
         modelfile = files[f"{RUN}-{quant}.Modelfile"]
         target = re.search(rb"^FROM (.+)$", modelfile, re.M).group(1).decode()
@@ -413,8 +435,10 @@ def test_private_into_an_existing_public_repo(runs, hub_env):
     ("gguf", lambda r: r.gguf("Q4_K_M").write_bytes(r.gguf("Q4_K_M").read_bytes()[:-1] + b"x"), r"sha256 .* differs from the record"),
     ("merged", lambda r: (r.export_dir / "merged" / "model-00002-of-00002.safetensors").unlink(), r"model-00002-of-00002\.safetensors"),
     ("merged", lambda r: (r.export_dir / "manifest.json").unlink(), r"neither training_info\.json .* nor manifest\.json"),
+    ("merged", lambda r: (r.export_dir / "merged" / "extra.safetensors").write_bytes(b"x"),
+     r"extra\.safetensors: not among the merged files of manifest\.json"),
     ("adapter", lambda r: (r.adapter_dir / "adapter_model.safetensors").unlink(), r"missing adapter_model\.safetensors"),
-    ("adapter", lambda r: (r.training_dir / "training_info.json").write_text("{}"), r"missing base_model, dataset\.id, dataset\.hash"),
+    ("adapter", lambda r: (r.training_dir / "training_info.json").write_text("{}"), r"missing base_model, dataset\.id/path, dataset\.content_sha256"),
 ])
 def test_run_folder_with_missing_or_changed_artifacts(runs, hub_env, what, breakage, message):
     breakage(runs)

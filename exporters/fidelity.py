@@ -1,0 +1,118 @@
+"""How close a GGUF's logits are to a reference, on a fixed set of Harmony prompts.
+
+Prompts are rendered by the Harmony core (gptoss.harmony.render_prompt). GGUFs run in
+llama-cpp-python with logits for every position; the merged HF model runs in transformers in
+float32. Metrics over all prompt positions: NMSE of logits (sum of squared error / sum of squared
+reference), mean KL(reference || test) of the next-token distributions, top-1 agreement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+from gptoss import harmony
+
+# Fixed prompt set: changing it changes every recorded fidelity figure (its hash is in the manifest).
+PROMPTS: tuple[dict, ...] = (
+    {"messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}]},
+    {"messages": [{"role": "user", "content": "Write a haiku about the sea."}],
+     "options": {"reasoning_effort": "low"}},
+    {"messages": [{"role": "developer", "content": "Answer as a pirate."},
+                  {"role": "user", "content": "How many legs does a spider have?"}],
+     "options": {"reasoning_effort": "high"}},
+    {"messages": [{"role": "user", "content": "Compute 17 * 23 and explain the steps."},
+                  {"role": "assistant", "thinking": "17*23 = 391.", "content": "17 * 23 = 391."},
+                  {"role": "user", "content": "Now divide that by 7."}]},
+)
+
+
+def prompt_tokens() -> list[list[int]]:
+    out = []
+    for p in PROMPTS:
+        options = harmony.SystemOptions(**p["options"]) if p.get("options") else None
+        out.append(harmony.render_prompt(p["messages"], options=options))
+    return out
+
+
+def prompts_digest(tokens: list[list[int]]) -> str:
+    return hashlib.sha256(json.dumps(tokens).encode()).hexdigest()
+
+
+def gguf_logits(path: str | os.PathLike, tokens: list[list[int]], *, threads: int | None = None):
+    """Logits at every prompt position, one float32 array (n_tokens, vocab) per prompt."""
+    import llama_cpp
+    import numpy as np
+
+    n_ctx = max(len(t) for t in tokens) + 8
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                          n_threads=threads or os.cpu_count(), verbose=False, seed=0)
+    try:
+        out = []
+        for toks in tokens:
+            llm.reset()
+            llm.eval(toks)
+            out.append(np.array(llm.scores[: len(toks)], dtype=np.float32, copy=True))
+        return out
+    finally:
+        llm.close()
+
+
+def hf_logits(model_dir: str | os.PathLike, tokens: list[list[int]]):
+    """Logits of the HF checkpoint in float32 (transformers), one array per prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for toks in tokens:
+            out.append(model(torch.tensor([toks])).logits[0].numpy().astype("float32"))
+    del model
+    return out
+
+
+@dataclasses.dataclass
+class Fidelity:
+    nmse: float
+    mean_kl: float
+    top1_agreement: float
+    max_abs_diff: float
+    positions: int
+    median_position_nmse: float  # robust to a few positions where MoE routing flips
+
+
+    def passes(self, max_nmse: float, max_kl: float, min_top1: float) -> bool:
+        return self.nmse <= max_nmse and self.mean_kl <= max_kl and self.top1_agreement >= min_top1
+
+
+def compare(reference, test) -> Fidelity:
+    import numpy as np
+
+    if len(reference) != len(test):
+        raise ValueError("reference and test cover different prompt sets")
+    se = ref_sq = kl = 0.0
+    agree = positions = 0
+    max_abs = 0.0
+    per_position: list = []
+    for r, t in zip(reference, test):
+        r = np.asarray(r, dtype=np.float64)
+        t = np.asarray(t, dtype=np.float64)
+        if r.shape != t.shape:
+            raise ValueError(f"logit shapes differ: {r.shape} vs {t.shape}")
+        se += float(((t - r) ** 2).sum())
+        per_position.extend((((t - r) ** 2).sum(-1) / np.maximum((r ** 2).sum(-1), 1e-30)).tolist())
+        ref_sq += float((r ** 2).sum())
+        max_abs = max(max_abs, float(np.abs(t - r).max()))
+        lr = r - r.max(axis=-1, keepdims=True)
+        lr -= np.log(np.exp(lr).sum(axis=-1, keepdims=True))
+        lt = t - t.max(axis=-1, keepdims=True)
+        lt -= np.log(np.exp(lt).sum(axis=-1, keepdims=True))
+        kl += float((np.exp(lr) * (lr - lt)).sum())
+        agree += int((r.argmax(-1) == t.argmax(-1)).sum())
+        positions += r.shape[0]
+    return Fidelity(nmse=se / ref_sq if ref_sq else 0.0, mean_kl=kl / positions, top1_agreement=agree / positions,
+                    max_abs_diff=max_abs, positions=positions, median_position_nmse=float(np.median(per_position)))

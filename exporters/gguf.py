@@ -1,0 +1,372 @@
+"""GGUF files through the pinned llama.cpp: convert (convert_hf_to_gguf.py), quantize, inspect.
+
+The converter runs as a subprocess with the vendored gguf-py (gptoss.llamacpp.converter()); the
+quantizer is llama-quantize built from the same source or, when that is not built, the same
+llama_model_quantize inside llama-cpp-python. Both log which tensors "fell back" to another type
+because their width is not a multiple of the quant's block; we parse that log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Literal
+
+from exporters.errors import ConversionError
+
+QuantizeBackend = Literal["auto", "tool", "python"]
+# llama.cpp log lines we read (src/llama-quant.cpp, convert_hf_to_gguf.py)
+_QUANT_PROGRESS = re.compile(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+_FALLBACK = re.compile(
+    r"warning:\s+(?P<name>\S+)\s+- ncols\s+(?P<ncols>\d+) not divisible by\s+(?P<block>\d+) "
+    r"\(required for type\s+(?P<wanted>\w+)\)\s*(?:\(WARNING: must use F16 due to unusual shape\)\s*)?"
+    r"-> falling back to\s+(?P<got>\w+)"
+)
+_CONVERT_TENSOR = re.compile(r"^INFO:hf-to-gguf:(\S+),\s+torch\.\w+ --> (\w+), shape")
+GGUF_CHAT_TEMPLATE = "tokenizer.chat_template"  # GGUF key the converter writes the chat template to
+LOG_TAIL = 40
+
+
+@dataclasses.dataclass
+class StepResult:
+    path: Path
+    log: list[str]
+    elapsed_s: float
+    peak_rss_bytes: int | None
+    command: list[str]
+    fallbacks: list[dict] = dataclasses.field(default_factory=list)
+    backend: str = ""
+
+
+def gguf_module():
+    """The gguf-py vendored with the pinned llama.cpp (not whatever `gguf` pip installed)."""
+    from gptoss import llamacpp
+
+    vendored = str(llamacpp.source_dir() / "gguf-py")
+    mod = sys.modules.get("gguf")
+    if mod is not None and not str(getattr(mod, "__file__", "")).startswith(vendored):
+        for name in [m for m in sys.modules if m == "gguf" or m.startswith("gguf.")]:
+            del sys.modules[name]
+    if vendored not in sys.path:
+        sys.path.insert(0, vendored)
+    import gguf
+
+    if not str(gguf.__file__).startswith(vendored):
+        raise ConversionError(f"imported gguf from {gguf.__file__}, expected the vendored {vendored}")
+    return gguf
+
+
+def _vm_hwm(pid: int) -> int | None:
+    """Peak RSS of a live process's current program (VmHWM restarts at exec, unlike ru_maxrss,
+    which a child forked from a big Python process inherits)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def run_measured(cmd: list[str], env: dict | None, on_line: Callable[[str], None]) -> tuple[int, list[str], int | None]:
+    """Run ``cmd``, feed each output line (stdout+stderr) to ``on_line``; return (rc, lines, child peak RSS)."""
+    import threading
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", bufsize=1)
+    peak = [None]
+    done = threading.Event()
+
+    def sample() -> None:  # VmHWM only grows, so the last reading before exit is the peak
+        while not done.wait(0.2):
+            v = _vm_hwm(proc.pid)
+            if v is not None:
+                peak[0] = max(peak[0] or 0, v)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    lines: list[str] = []
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            lines.append(line)
+            on_line(line)
+            v = _vm_hwm(proc.pid)
+            if v is not None:
+                peak[0] = max(peak[0] or 0, v)
+        rc = proc.wait()
+    finally:
+        done.set()
+        sampler.join()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    return rc, lines, peak[0]
+
+
+def convert(merged_dir: Path, out_path: Path, *, outtype: str = "f16", expected_tensors: int | None = None,
+            progress: bool = True) -> StepResult:
+    """merged HF folder -> GGUF at ``out_path`` (written under a temporary name, renamed when complete)."""
+    from tqdm.auto import tqdm
+
+    from gptoss import llamacpp
+
+    script, env = llamacpp.converter()
+    tmp = out_path.with_name(f".{out_path.name}.partial")
+    cmd = [sys.executable, str(script), str(merged_dir), "--outtype", outtype, "--outfile", str(tmp)]
+    bar = tqdm(total=expected_tensors, unit="tensor", desc=f"convert {out_path.name}", disable=not progress,
+               file=sys.stderr)
+
+    def on_line(line: str) -> None:
+        if _CONVERT_TENSOR.match(line):
+            bar.update(1)
+
+    start = time.perf_counter()
+    try:
+        rc, lines, rss = run_measured(cmd, env, on_line)
+        if rc != 0 or not tmp.is_file():
+            tail = "\n".join(lines[-LOG_TAIL:])
+            raise ConversionError(f"convert_hf_to_gguf.py failed on {merged_dir} (exit {rc}):\n{tail}")
+        os.replace(tmp, out_path)
+    finally:
+        bar.close()
+        tmp.unlink(missing_ok=True)
+    return StepResult(out_path, lines, time.perf_counter() - start, rss, cmd, backend="convert_hf_to_gguf.py")
+
+
+def parse_fallbacks(lines: list[str]) -> list[dict]:
+    out = []
+    for line in lines:
+        m = _FALLBACK.search(line)
+        if m:
+            out.append({"tensor": m["name"], "ncols": int(m["ncols"]), "block": int(m["block"]),
+                        "wanted": m["wanted"].upper(), "got": m["got"].upper()})
+    return out
+
+
+def quantize(src: Path, out_path: Path, *, label: str, backend: QuantizeBackend = "auto", threads: int | None = None,
+             progress: bool = True) -> StepResult:
+    """F16 GGUF -> ``label`` (e.g. Q4_K_M) GGUF via llama.cpp; temp name, renamed when complete."""
+    from tqdm.auto import tqdm
+
+    from gptoss import llamacpp
+
+    tool = None
+    if backend in ("auto", "tool"):
+        try:
+            tool = llamacpp.tool("llama-quantize", build=False)
+        except llamacpp.LlamaCppError:
+            if backend == "tool":
+                raise
+    tmp = out_path.with_name(f".{out_path.name}.partial")
+    threads = threads or os.cpu_count() or 1
+    bar = tqdm(total=None, unit="tensor", desc=f"quantize {out_path.name}", disable=not progress, file=sys.stderr)
+
+    def on_line(line: str) -> None:
+        m = _QUANT_PROGRESS.search(line)
+        if m:
+            bar.total = int(m[2])
+            bar.update(int(m[1]) - bar.n)
+
+    start = time.perf_counter()
+    try:
+        if tool is not None:
+            cmd = [str(tool), str(src), str(tmp), label, str(threads)]
+            rc, lines, rss = run_measured(cmd, None, on_line)
+            used = "llama-quantize"
+        else:  # the same llama_model_quantize inside llama-cpp-python, in a child process (isolated, measurable)
+            cmd = [sys.executable, "-m", "exporters.gguf", "quantize", str(src), str(tmp), label, str(threads)]
+            env = dict(os.environ)
+            package_root = str(Path(__file__).resolve().parents[1])
+            env["PYTHONPATH"] = os.pathsep.join([package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+            rc, lines, rss = run_measured(cmd, env, on_line)
+            used = "llama_cpp.llama_model_quantize"
+        if rc != 0 or not tmp.is_file():
+            tail = "\n".join(lines[-LOG_TAIL:])
+            raise ConversionError(f"quantizing {src.name} to {label} failed ({used}, exit {rc}):\n{tail}")
+        os.replace(tmp, out_path)
+    finally:
+        bar.close()
+        tmp.unlink(missing_ok=True)
+    return StepResult(out_path, lines, time.perf_counter() - start, rss, cmd, parse_fallbacks(lines), used)
+
+
+def _quantize_in_process(src: Path, dst: Path, label: str, threads: int, on_line) -> tuple[int, list[str]]:
+    import llama_cpp
+    from llama_cpp import _logger
+
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{label}", None)
+    if ftype is None:
+        raise ConversionError(f"llama-cpp-python {llama_cpp.__version__} has no LLAMA_FTYPE_MOSTLY_{label}")
+    lines: list[str] = []
+    pending = [""]
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):  # noqa: ARG001 - ctypes signature
+        pending[0] += text.decode("utf-8", errors="replace")
+        *done, pending[0] = pending[0].split("\n")
+        for line in done:
+            lines.append(line)
+            on_line(line)
+
+    params = llama_cpp.llama_model_quantize_default_params()  # the installed struct layout
+    params.ftype = ftype
+    params.nthread = threads
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    if pending[0]:
+        lines.append(pending[0])
+    return rc, lines
+
+
+@dataclasses.dataclass
+class GgufTensor:
+    name: str
+    shape: list[int]  # GGUF order: ne0 (contiguous) first
+    type: str  # GGML type name, e.g. Q4_K
+    offset: int  # absolute byte offset of the data in the file
+    n_bytes: int
+
+
+@dataclasses.dataclass
+class GgufInfo:
+    tensor_count: int
+    type_histogram: dict[str, int]  # GGML type -> number of tensors
+    type_bytes: dict[str, int]  # GGML type -> bytes of tensor data
+    types: dict[str, str]  # tensor name -> GGML type
+    metadata: dict[str, object]
+    shapes: dict[str, list[int]]
+    tensors: dict[str, GgufTensor]
+
+
+class _Cursor:
+    def __init__(self, f):
+        self.f = f
+
+    def unpack(self, fmt: str):
+        import struct
+
+        size = struct.calcsize(fmt)
+        data = self.f.read(size)
+        if len(data) != size:
+            raise ConversionError(f"{getattr(self.f, 'name', 'GGUF')}: truncated GGUF header")
+        return struct.unpack(fmt, data)
+
+    def string(self) -> bytes:
+        (n,) = self.unpack("<Q")
+        return self.f.read(n)
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+STRING, ARRAY = 8, 9  # gguf.GGUFValueType.STRING / ARRAY
+
+
+def inspect(path: Path, keys: tuple[str, ...] = ("general.architecture", "general.file_type", GGUF_CHAT_TEMPLATE,
+                                                   "tokenizer.ggml.eos_token_id")) -> GgufInfo:
+    """Tensor table, type histogram and a few metadata values of a GGUF.
+
+    Reads only the header, sequentially (gguf-py's GGUFReader builds a view per vocabulary entry,
+    ~20 s per gpt-oss file); type names and block sizes come from the vendored gguf-py, and a test
+    checks the result against GGUFReader.
+    """
+    gguf = gguf_module()
+    wanted = set(keys) | {"general.alignment"}
+    meta: dict[str, object] = {}
+    with open(path, "rb") as f:
+        c = _Cursor(f)
+        magic, version = c.unpack("<II")
+        if magic != gguf.GGUF_MAGIC or version < 2:
+            raise ConversionError(f"{path} is not a GGUF v2+ file")
+        n_tensors, n_kv = c.unpack("<QQ")
+        for _ in range(n_kv):
+            key = c.string().decode("utf-8", errors="replace")
+            (vtype,) = c.unpack("<I")
+            value = _read_value(c, vtype, keep=key in wanted)
+            if key in wanted:
+                meta[key] = value
+        tensors: dict[str, GgufTensor] = {}
+        infos = []
+        for _ in range(n_tensors):
+            name = c.string().decode("utf-8")
+            (n_dims,) = c.unpack("<I")
+            dims = list(c.unpack(f"<{n_dims}Q"))
+            ttype, offset = c.unpack("<IQ")
+            infos.append((name, dims, ttype, offset))
+        align = int(meta.pop("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+        data_start = f.tell() + (-f.tell() % align)
+    hist: dict[str, int] = {}
+    nbytes: dict[str, int] = {}
+    for name, dims, ttype, offset in infos:
+        qtype = gguf.GGMLQuantizationType(ttype)
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        n = 1
+        for d in dims:
+            n *= d
+        size = n * type_size // block
+        tensors[name] = GgufTensor(name, dims, qtype.name, data_start + offset, size)
+        hist[qtype.name] = hist.get(qtype.name, 0) + 1
+        nbytes[qtype.name] = nbytes.get(qtype.name, 0) + size
+    return GgufInfo(len(tensors), dict(sorted(hist.items())), dict(sorted(nbytes.items())),
+                    {t.name: t.type for t in tensors.values()}, meta, {t.name: t.shape for t in tensors.values()},
+                    tensors)
+
+
+def _read_value(c: _Cursor, vtype: int, *, keep: bool):
+    if vtype in _SCALARS:
+        return c.unpack(_SCALARS[vtype])[0]
+    if vtype == STRING:
+        raw = c.string()
+        return raw.decode("utf-8", errors="replace") if keep else None
+    if vtype == ARRAY:
+        item_type, count = c.unpack("<IQ")
+        if item_type in _SCALARS and not keep:
+            import struct
+
+            c.f.seek(count * struct.calcsize(_SCALARS[item_type]), 1)
+            return None
+        items = [_read_value(c, item_type, keep=keep) for _ in range(count)]
+        return items if keep else None
+    raise ConversionError(f"unknown GGUF value type {vtype}")
+
+
+def read_tensor(path: Path, name: str):
+    """One tensor's data as float32 numpy in GGUF order reversed (numpy shape), dequantized by gguf-py."""
+    import numpy as np
+
+    info = inspect(path, keys=())
+    if name not in info.tensors:
+        raise KeyError(f"{path.name} has no tensor {name}")
+    gguf = gguf_module()
+    from gguf.quants import dequantize
+
+    t = info.tensors[name]
+    qtype = gguf.GGMLQuantizationType[t.type]
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.n_bytes,))
+    if t.type in ("F32", "F16"):
+        data = raw.view(np.float32 if t.type == "F32" else np.float16)
+    else:
+        data = raw
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rows = data.reshape(*reversed(t.shape[1:]), -1) if t.type in ("F32", "F16") else \
+        data.reshape(*reversed(t.shape[1:]), t.shape[0] * type_size // block)
+    return np.asarray(dequantize(rows, qtype), dtype=np.float32)
+
+
+if __name__ == "__main__":  # python -m exporters.gguf quantize SRC DST LABEL THREADS (the "python" backend)
+    if len(sys.argv) == 6 and sys.argv[1] == "quantize":
+        _rc, _ = _quantize_in_process(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]),
+                                      lambda line: print(line, flush=True))
+        sys.exit(0 if _rc == 0 else 1)
+    print("usage: python -m exporters.gguf quantize SRC DST LABEL THREADS", file=sys.stderr)
+    sys.exit(2)

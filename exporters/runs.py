@@ -1,0 +1,73 @@
+"""Where merge and export find their inputs and put their outputs.
+
+A training run folder ``models/<run>/`` holds ``adapter/`` (a PEFT save) and ``training_info.json``
+(``base_model``: Hugging Face id or local path, ``base_model_revision``). Outputs go to
+``exports/<run>/merged/`` and ``exports/<run>/gguf/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from exporters.errors import ExportStageError, MissingFilesError
+
+TRAINING_INFO = "training_info.json"
+ADAPTER_DIR = "adapter"
+EXPORTS_ROOT = "exports"
+MERGED_DIR = "merged"
+GGUF_DIR = "gguf"
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeInputs:
+    name: str  # run name: names the exports folder and the GGUF files
+    base: str  # HF id or local folder
+    base_revision: str | None
+    adapter_dir: Path
+    run_dir: Path | None = None
+    training_info: dict | None = None
+
+
+def resolve_run(run: str) -> MergeInputs:
+    """``--run DIR`` (or a name under ./models/) -> adapter, base and run name."""
+    path = Path(run).expanduser()
+    if not path.is_dir() and not path.is_absolute() and (Path("models") / run).is_dir():
+        path = Path("models") / run
+    if not path.is_dir():
+        raise MissingFilesError(f"--run {run}: no such run folder (expected models/<run>/ with adapter/ and {TRAINING_INFO})")
+    real = path.resolve()  # models/latest -> the run it points at
+    info_path = real / TRAINING_INFO
+    missing = [n for n in (TRAINING_INFO, ADAPTER_DIR) if not (real / n).exists()]
+    if missing:
+        raise MissingFilesError(f"--run {run}: {real} lacks {', '.join(missing)}; is the training run finished? "
+                                "(gptoss train writes both when it completes)")
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError as e:
+        raise MissingFilesError(f"{info_path} is not valid JSON ({e})") from e
+    base = info.get("base_model")
+    if not isinstance(base, str) or not base:
+        raise MissingFilesError(f"{info_path} has no 'base_model' (the Hugging Face id or folder the adapter was trained on)")
+    if not Path(base).is_absolute() and (real / base).is_dir():
+        base = str((real / base).resolve())
+    revision = info.get("base_model_revision")  # what `gptoss train` resolved and trained on
+    return MergeInputs(name=real.name, base=base, base_revision=revision if isinstance(revision, str) else None,
+                       adapter_dir=real / ADAPTER_DIR, run_dir=real, training_info=info)
+
+
+def resolve_inputs(run: str | None, base: str | None, adapter: str | None) -> MergeInputs:
+    if run is not None and (base is not None or adapter is not None):
+        raise ExportStageError("pass either --run DIR or --base ID_OR_DIR --adapter DIR, not both")
+    if run is not None:
+        return resolve_run(run)
+    if base is None or adapter is None:
+        raise ExportStageError("say what to merge: --run models/<run> or --base ID_OR_DIR --adapter DIR")
+    adapter_dir = Path(adapter).expanduser().absolute()
+    name = adapter_dir.parent.name if adapter_dir.name == ADAPTER_DIR else adapter_dir.name
+    return MergeInputs(name=name, base=base, base_revision=None, adapter_dir=adapter_dir)
+
+
+def export_root(name: str, exports_dir: str | None = None) -> Path:
+    return (Path(exports_dir) if exports_dir else Path(EXPORTS_ROOT)).absolute() / name

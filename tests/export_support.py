@@ -1,0 +1,88 @@
+"""Shared, session-cached inputs for tests/test_merge*.py and tests/test_export*.py.
+
+Built once per pytest session under the session's base temp folder (a marker file says a build
+finished), so both test modules reuse the same tiny fixture, adapter run and export.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+DONE = ".built"
+
+
+def cached(tmp_path_factory, name: str, build) -> Path:
+    """``build(path)`` once per session; later callers get the finished folder."""
+    path = tmp_path_factory.getbasetemp() / "export-stage" / name
+    if (path / DONE).is_file():
+        return path
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    build(path)
+    (path / DONE).write_text("ok\n")
+    return path
+
+
+def tiny_base(request, tmp_path_factory) -> Path:
+    """The lead's ``tiny_model`` fixture when conftest provides it, else our own tiny fixture."""
+    try:
+        return Path(request.getfixturevalue("tiny_model"))
+    except pytest.FixtureLookupError:
+        from gptoss.fixtures import fixture
+
+        return cached(tmp_path_factory, "tiny", lambda p: fixture("tiny", out=str(p / "model"))) / "model"
+
+
+def tiny_run(request, tmp_path_factory) -> Path:
+    """models/<run>/ with a seeded random adapter (attention + experts) on the tiny base."""
+    base = tiny_base(request, tmp_path_factory)
+
+    def build(p: Path) -> None:
+        from exporters.fixtures import make_run
+
+        make_run(base, p / "tiny-run", seed=0)
+
+    return cached(tmp_path_factory, "run", build) / "tiny-run"
+
+
+def tiny_export(request, tmp_path_factory) -> dict:
+    """The export the CI test asks for: F16, Q4_K_M, Q5_K_M and MXFP4_MOE of the tiny run."""
+    run = tiny_run(request, tmp_path_factory)
+
+    def build(p: Path) -> None:
+        from exporters.export import export_run
+
+        export_run(str(run), quants="q4_k_m,q5_k_m", also="mxfp4_moe", exports_dir=str(p), progress=False,
+                   threads=min(4, os.cpu_count() or 1))
+
+    root = cached(tmp_path_factory, "exports", build) / "tiny-run"
+    import json
+
+    return {"root": root, "run": run, "manifest": json.loads((root / "manifest.json").read_text())}
+
+
+def prompt_ids() -> list[int]:
+    from gptoss import harmony
+
+    return harmony.render_prompt([{"role": "user", "content": "What is the capital of France? Answer briefly."}])
+
+
+def hf_logits(model_dir, ids, *, adapter=None, merge=False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+        if merge:
+            model = model.merge_and_unload()
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]

@@ -1,0 +1,5 @@
+"""The training stage: `gptoss train` (LoRA on attention and MoE experts; Unsloth or transformers+PEFT)."""
+
+from training.run import train
+
+__all__ = ["train"]

@@ -1,0 +1,546 @@
+"""`gptoss train`: one run from flags to ``models/<run>/`` and the ``models/latest`` link.
+
+Order of work, so that bad input costs nothing: resolve and check the configuration and the
+machine (all problems at once), load the tokenizer and check/render every data row, and only then
+create the run directory and load the model.
+
+A run lives in ``<output_dir>/<name>.partial/`` until it has finished: adapter, tokenizer,
+``train_config.json`` and ``training_info.json`` are written, the directory is renamed to
+``<output_dir>/<name>/`` and ``<output_dir>/latest`` is switched to it. A killed run is never
+mistaken for a finished one and ``--resume`` continues it from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gptoss.errors import ToolchainError
+from training import backends as backends_mod
+from training import config as config_mod
+from training import data as data_mod
+from training.config import ConfigError, TrainConfig, flag
+
+log = logging.getLogger("gptoss.train")
+
+PARTIAL_SUFFIX = ".partial"
+CONFIG_FILE = "train_config.json"
+INFO_FILE = "training_info.json"
+DATA_FILE = "data.json"  # the data record, written when the run starts (resume checks it)
+ADAPTER_DIR = "adapter"
+LATEST = "latest"
+RUN_PREFIX = "gpt-oss-20b"
+VERSIONED_PACKAGES = (
+    "gptoss-toolchain", "torch", "transformers", "peft", "accelerate", "datasets", "tokenizers",
+    "safetensors", "bitsandbytes", "unsloth", "unsloth_zoo", "trl", "openai-harmony",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution and checks
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or name.count("/") != 1
+
+
+def environment_problems(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Resolve the "auto" settings for this machine and list what it cannot do."""
+    problems: list[str] = []
+    resolved: dict[str, Any] = {}
+    cuda = _cuda_available()
+    device = values.get("device", "auto")
+    if device == "cuda" and not cuda:
+        import torch
+
+        why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        problems.append(f"--device cuda: CUDA was requested but is not available ({why}, torch {torch.__version__}); use --device cpu or run on a GPU machine")
+    if device == "auto":
+        device = "cuda" if cuda else "cpu"
+    resolved["device"] = device
+
+    backend = values.get("backend", "auto")
+    if backend == "auto":
+        unsloth_ok = device == "cuda" and importlib.util.find_spec("unsloth") is not None
+        backend = "unsloth" if unsloth_ok else "transformers"
+    if backend in backends_mod.BACKENDS:
+        problem = backends_mod.get_backend(backend).problem(device)
+        if problem:
+            problems.append(problem)
+    resolved["backend"] = backend
+
+    model = values.get("model") or (backends_mod.BACKENDS[backend].default_model if backend in backends_mod.BACKENDS else None)
+    resolved["model"] = model
+    if isinstance(model, str) and _looks_local(model):
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            problems.append(f"--model {model}: no such checkpoint directory; pass a local directory or a Hub id like openai/gpt-oss-20b")
+        elif not (path / "config.json").is_file():
+            problems.append(f"--model {model}: has no config.json; is it a transformers checkpoint? (gptoss fixture tiny --out DIR writes one)")
+        else:
+            resolved["model"] = str(path.absolute())
+
+    load_in_4bit = values.get("load_in_4bit")
+    if load_in_4bit is None:
+        load_in_4bit = device == "cuda"
+    if load_in_4bit and device != "cuda":
+        problems.append("--load-in-4bit: bitsandbytes 4-bit needs CUDA; drop the flag on this machine")
+    if load_in_4bit and device == "cuda" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("--load-in-4bit: bitsandbytes is not installed (pip install bitsandbytes)")
+    resolved["load_in_4bit"] = bool(load_in_4bit)
+
+    optim = values.get("optim", "auto")
+    if optim == "auto":
+        optim = "adamw_8bit" if device == "cuda" and importlib.util.find_spec("bitsandbytes") is not None else "adamw_torch"
+    if optim == "adamw_8bit" and (device != "cuda" or importlib.util.find_spec("bitsandbytes") is None):
+        problems.append("--optim adamw_8bit: needs CUDA and bitsandbytes; use --optim adamw_torch")
+    resolved["optim"] = optim
+
+    if values.get("dtype") == "float16" and device == "cpu":
+        problems.append("--dtype float16: not supported for training on CPU; use float32 or bfloat16")
+
+    dataset = values.get("dataset")
+    if isinstance(dataset, str) and dataset:
+        problem = data_mod.dataset_problem(dataset)
+        if problem:
+            problems.append(problem)
+    output_dir = values.get("output_dir", "models")
+    if isinstance(output_dir, str):
+        problem = config_mod.output_dir_problem(output_dir)
+        if problem:
+            problems.append(problem)
+    if values.get("tensorboard", True) and importlib.util.find_spec("tensorboard") is None:
+        problems.append("--tensorboard: the tensorboard package is not installed (pip install tensorboard) or pass --tensorboard false")
+    return resolved, problems
+
+
+def _resume_dir(resume: Any, output_dir: str) -> tuple[Path | None, list[str]]:
+    if resume is True:
+        root = Path(output_dir).expanduser()
+        partial = sorted(root.glob("*" + PARTIAL_SUFFIX), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+        if not partial:
+            return None, [f"--resume: no unfinished run ({'*' + PARTIAL_SUFFIX}) under {root}; pass the run directory"]
+        return partial[-1], []
+    if not isinstance(resume, str) or not resume:
+        return None, [f"--resume: expected a run directory (or a bare --resume for the newest unfinished run), got {resume!r}"]
+    path = Path(resume).expanduser()
+    if path.name.startswith("step-") and path.parent.name == "checkpoints":
+        path = path.parent.parent
+    if not (path / CONFIG_FILE).is_file():
+        return None, [f"--resume {resume}: not a training run (no {CONFIG_FILE}); pass a directory that gptoss train created"]
+    if (path / INFO_FILE).is_file() and not path.name.endswith(PARTIAL_SUFFIX):
+        return None, [f"--resume {resume}: this run has already finished; start a new run instead"]
+    return path, []
+
+
+def resolve(overrides: dict[str, Any], resume: Any = None) -> tuple[TrainConfig, Path | None]:
+    """The concrete configuration for this machine, or ConfigError listing every problem."""
+    base = None
+    resume_dir = None
+    problems: list[str] = []
+    if resume not in (None, False):
+        resume_dir, problems = _resume_dir(resume, overrides.get("output_dir") or "models")
+        if resume_dir is not None:
+            base = json.loads((resume_dir / CONFIG_FILE).read_text())
+            changed = [
+                k for k, v in overrides.items()
+                if v is not None and k in base and k not in config_mod.RESUMABLE_OVERRIDES
+                and config_mod.coerce(k, v)[0] != base[k] and k != "output_dir"
+            ]
+            problems += [
+                f"{flag(k)}: cannot change when resuming ({base[k]!r} in {resume_dir / CONFIG_FILE}); "
+                f"only {', '.join(map(flag, config_mod.RESUMABLE_OVERRIDES))} can" for k in changed
+            ]
+    values, type_problems = config_mod.merge_values(overrides, base=base)
+    problems += type_problems
+    resolved, env_problems = environment_problems(values)
+    cfg, problems = config_mod.config_problems(values, problems)
+    problems += env_problems
+    if problems or cfg is None:
+        raise ConfigError(problems)
+    if values.get("backend", "auto") == "auto" and resolved["device"] == "cuda" and resolved["backend"] != "unsloth":
+        log.warning("unsloth is not installed: using the transformers backend on CUDA (slower, more memory)")
+    cfg = dataclasses.replace(cfg, **resolved)
+    return cfg, resume_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _new_run_dir(cfg: TrainConfig) -> Path:
+    root = Path(cfg.output_dir).expanduser().absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = cfg.run_name or f"{RUN_PREFIX}_{cfg.profile}_r{cfg.rank}_{stamp}"
+    for i in range(1, 1000):
+        candidate = name if i == 1 else f"{name}-{i}"
+        if not (root / candidate).exists() and not (root / (candidate + PARTIAL_SUFFIX)).exists():
+            path = root / (candidate + PARTIAL_SUFFIX)
+            path.mkdir()
+            return path
+    raise ToolchainError(f"{root}: too many runs named {name}; pass --run-name")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _switch_latest(run_dir: Path) -> None:
+    latest = run_dir.parent / LATEST
+    tmp = run_dir.parent / f".{LATEST}.{os.getpid()}.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(run_dir.name, tmp)
+    os.replace(tmp, latest)
+
+
+def _peak_memory(device: str) -> dict[str, int | None]:
+    out: dict[str, int | None] = {"cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device == "cuda":
+        import torch
+
+        out["cuda_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        out["cuda_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        out["cuda_device"] = torch.cuda.get_device_name(0)
+    else:
+        out["cuda_allocated_bytes"] = None
+    return out
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (not the one at set-up time)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def _steady_state(history: list) -> dict[str, Any]:
+    """Median step time and throughput over the steps after the first (warm-up) one."""
+    rows = history[1:] or history
+    if not rows:
+        return {}
+    times = sorted(r[1] for r in rows)
+    rates = sorted(r[2] / r[1] for r in rows if r[1] > 0)
+    return {
+        "steps": len(rows),
+        "median_step_seconds": times[len(times) // 2],
+        "median_tokens_per_second": round(rates[len(rates) // 2], 2) if rates else 0.0,
+    }
+
+
+def _setup_logging() -> None:
+    if not log.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("gptoss train: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.INFO)
+
+
+def _load_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision)
+    except Exception as e:  # offline, unknown id, gated repo
+        raise ToolchainError(
+            f"--model {cfg.model}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"check the id/path, your network and HF_TOKEN"
+        ) from e
+
+
+def run(overrides: dict[str, Any], *, resume: Any = None) -> Path:
+    _setup_logging()
+    cfg, resume_dir = resolve(overrides, resume)
+    backend = backends_mod.get_backend(cfg.backend)
+    backend.prepare()
+    log.info("backend %s on %s, model %s, profile %s", cfg.backend, cfg.device, cfg.model, cfg.profile)
+
+    tokenizer = _load_tokenizer(cfg)
+    source = data_mod.resolve_source(cfg.dataset, split=cfg.dataset_split, revision=cfg.dataset_revision)
+    data = data_mod.prepare(
+        source, tokenizer, max_seq_length=cfg.max_seq_length, too_long=cfg.too_long, loss_on=cfg.loss_on,
+        reasoning_effort=cfg.reasoning_effort, eval_fraction=cfg.eval_fraction, skip_bad_rows=cfg.skip_bad_rows,
+        max_rows=cfg.max_rows, seed=cfg.seed,
+    )
+    data_record = data.record()
+
+    from training import loop
+
+    resume_from = None
+    if resume_dir is not None:
+        saved = json.loads((resume_dir / DATA_FILE).read_text()) if (resume_dir / DATA_FILE).is_file() else {}
+        if saved.get("content_sha256") not in (None, data.content_sha256):
+            raise ToolchainError(
+                f"--resume {resume_dir}: the dataset changed since the run started "
+                f"(sha256 {saved['content_sha256'][:12]} then, {data.content_sha256[:12]} now); start a new run"
+            )
+        found = loop.checkpoints(resume_dir)
+        resume_from = found[-1] if found else None
+        if resume_from is None:
+            log.warning("%s has no complete checkpoint yet: starting it again from step 0", resume_dir)
+
+    # The model is loaded and checked before the run directory exists: a failure here leaves nothing behind.
+    model, groups_start, load_seconds = _load_model(cfg, backend)
+
+    run_dir = resume_dir if resume_dir is not None else _new_run_dir(cfg)
+    _write_json(run_dir / CONFIG_FILE, cfg.to_dict())
+    _write_json(run_dir / DATA_FILE, data_record)
+    file_log = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    file_log.setLevel(logging.DEBUG)
+    log.addHandler(file_log)
+    started = dt.datetime.now(dt.timezone.utc)
+    log.info("run directory %s", run_dir)
+    backends_mod.log_groups(groups_start, "LoRA")
+    try:
+        return _train_and_finish(cfg, backend, tokenizer, data, data_record, run_dir, resume_from, started,
+                                 model=model, groups_start=groups_start, load_seconds=load_seconds)
+    finally:
+        log.removeHandler(file_log)
+        file_log.close()
+
+
+def _load_model(cfg: TrainConfig, backend):
+    """Base model with LoRA, its trainable parameters by group (experts checked), load time."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    t_load = time.perf_counter()
+    try:
+        model = backend.load(cfg)
+    except OSError as e:  # missing/corrupt files, unknown Hub id, no network
+        raise ToolchainError(
+            f"--model {cfg.model}: cannot load the checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+            f"check the id/path, your network and HF_TOKEN"
+        ) from e
+    model = backend.wrap(model, cfg)
+    load_seconds = time.perf_counter() - t_load
+    groups = backends_mod.lora_groups(model)
+    backends_mod.check_expert_lora(groups, cfg)  # its error lists the counts
+    return model, groups, load_seconds
+
+
+def _train_and_finish(cfg, backend, tokenizer, data, data_record, run_dir: Path, resume_from, started, *,
+                      model, groups_start, load_seconds) -> Path:
+    from training import loop
+    from training.monitor import Monitor, loss_summary
+
+    name = run_dir.name[: -len(PARTIAL_SUFFIX)] if run_dir.name.endswith(PARTIAL_SUFFIX) else run_dir.name
+    start_step = json.loads((resume_from / loop.STATE_FILE).read_text())["step"] if resume_from else 0
+    monitor = Monitor(cfg, run_dir, start_step=start_step, run_name=name)
+    try:
+        state = loop.train_loop(
+            model, backend, data, cfg, run_dir, monitor, pad_id=tokenizer.pad_token_id, resume_from=resume_from
+        )
+    finally:
+        monitor.close()
+
+    groups_end = backends_mod.lora_groups(model)
+    expert_b = {k: v["lora_B_norm"] for k, v in groups_end.items() if k.startswith("experts.")}
+    experts_trained = bool(expert_b) and all(v > 0 for v in expert_b.values())
+    if cfg.lora_targets != "attention" and not experts_trained:
+        log.warning("expert LoRA B matrices are still zero after training (%s): the experts did not learn", expert_b)
+    summary = loss_summary([tuple(x) for x in state.loss_history], [tuple(x) for x in state.eval_history], cfg)
+    if "verdict" in summary and summary["verdict"] != "ok":
+        log.warning("loss monitor: %s", summary["note"])
+    elif "note" in summary:
+        log.info("loss monitor: %s", summary["note"])
+
+    adapter_dir = run_dir / ADAPTER_DIR
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    modules, parameters = backend.targets
+    base_revision = getattr(model.get_base_model().config, "_commit_hash", None) or cfg.revision
+    info = {
+        "format": 1,
+        "run": name,
+        "base_model": cfg.model,
+        "base_model_revision": base_revision,
+        "backend": cfg.backend,
+        "device": cfg.device,
+        "profile": cfg.profile,
+        "adapter": ADAPTER_DIR,
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "steps": state.step,
+        "max_steps": cfg.max_steps,
+        "resumed_from_step": int(resume_from.name.split("-")[-1]) if resume_from else None,
+        "tokens": state.tokens,
+        "supervised_tokens": state.supervised_tokens,
+        "train_seconds": round(state.train_seconds, 3),
+        "seconds_per_step": round(state.train_seconds / max(state.step, 1), 4),
+        "tokens_per_second": round(state.tokens_per_second, 2),
+        "steady_state": _steady_state(state.step_history),
+        "model_load_seconds": round(load_seconds, 2),
+        "loss": summary,
+        "peak_memory": _peak_memory(cfg.device),
+        "lora": {
+            "rank": cfg.rank,
+            "alpha": cfg.lora_alpha,
+            "dropout": cfg.lora_dropout,
+            "rslora": cfg.use_rslora,
+            "targets": cfg.lora_targets,
+            "target_modules": modules,
+            "target_parameters": parameters,
+            "trainable_at_start": groups_start,
+            "trainable_at_end": groups_end,
+            "experts_trained": experts_trained,
+        },
+        "dataset": data_record,
+        "versions": _versions(),
+        "config": cfg.to_dict(),
+    }
+    _write_json(run_dir / INFO_FILE, info)
+    final = run_dir.with_name(name)
+    if run_dir != final:
+        os.replace(run_dir, final)
+    _switch_latest(final)
+    log.info("finished: %s (adapter in %s); %s now points to it", final, final / ADAPTER_DIR, final.parent / LATEST)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def train(
+    *,
+    profile: str | None = None,
+    model: str | None = None,
+    revision: str | None = None,
+    backend: str | None = None,
+    device: str | None = None,
+    load_in_4bit: bool | None = None,
+    dtype: str | None = None,
+    dataset: str | None = None,
+    dataset_split: str | None = None,
+    dataset_revision: str | None = None,
+    max_rows: int | None = None,
+    max_seq_length: int | None = None,
+    too_long: str | None = None,
+    loss_on: str | None = None,
+    reasoning_effort: str | None = None,
+    eval_fraction: float | None = None,
+    eval_steps: int | None = None,
+    skip_bad_rows: bool | None = None,
+    rank: int | None = None,
+    lora_alpha: int | None = None,
+    lora_dropout: float | None = None,
+    use_rslora: bool | None = None,
+    lora_targets: str | None = None,
+    max_steps: int | None = None,
+    batch_size: int | None = None,
+    grad_accum: int | None = None,
+    learning_rate: float | None = None,
+    lr_scheduler: str | None = None,
+    warmup_steps: int | None = None,
+    weight_decay: float | None = None,
+    max_grad_norm: float | None = None,
+    optim: str | None = None,
+    gradient_checkpointing: str | None = None,
+    seed: int | None = None,
+    output_dir: str | None = None,
+    run_name: str | None = None,
+    save_steps: int | None = None,
+    keep_checkpoints: int | None = None,
+    logging_steps: int | None = None,
+    tensorboard: bool | None = None,
+    wandb_project: str | None = None,
+    loss_target: float | None = None,
+    overfit_below: float | None = None,
+    underfit_above: float | None = None,
+    resume: str | bool | None = None,
+) -> str:
+    """Fine-tune gpt-oss with LoRA on attention and the MoE experts; writes models/<run>/.
+
+    Every flag left out comes from the profile (training/profiles/<profile>.toml), then from the
+    defaults (the Unsloth gpt-oss-20b recipe). The whole configuration is checked before any
+    model loads and every problem is reported at once.
+
+    Args:
+        profile: preset: quick_test, standard (default), full, max_quality, conservative, memory_efficient.
+        model: base model, a Hub id or a local checkpoint directory (default: the backend's gpt-oss-20b).
+        revision: Hub revision (branch, tag or commit) of the base model.
+        backend: auto (unsloth on CUDA when installed, else transformers), unsloth or transformers.
+        device: auto, cuda or cpu.
+        load_in_4bit: load the base model in 4-bit (bitsandbytes; default: on CUDA).
+        dtype: compute/weight dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32.
+        dataset: Hub dataset id or a local .jsonl/.parquet file of {"messages": [...]} rows (default HuggingFaceH4/Multilingual-Thinking).
+        dataset_split: split of a Hub dataset (default train).
+        dataset_revision: Hub revision of the dataset.
+        max_rows: use only the first N rows.
+        max_seq_length: longest row in tokens (default 1024).
+        too_long: what to do with longer rows: drop (default) or truncate.
+        loss_on: assistant (analysis and final of the last assistant turn, default) or final (final answer only).
+        reasoning_effort: reasoning effort in the system message for rows without their own reasoning_effort: low, medium (default), high.
+        eval_fraction: fraction of rows held out for the eval loss (0 = none).
+        eval_steps: evaluate every N steps (default: at every checkpoint and at the end).
+        skip_bad_rows: skip malformed rows (the count is reported) instead of stopping at the first.
+        rank: LoRA rank r (default 8).
+        lora_alpha: LoRA alpha (default 16).
+        lora_dropout: LoRA dropout; must be 0 when the experts are targeted.
+        use_rslora: rank-stabilised LoRA scaling alpha/sqrt(r).
+        lora_targets: all (attention and experts, default), attention, or experts.
+        max_steps: optimizer steps.
+        batch_size: rows per micro-batch (default 2).
+        grad_accum: micro-batches per optimizer step (default 8).
+        learning_rate: peak learning rate (default 2e-4).
+        lr_scheduler: linear (default), cosine or constant, after warmup.
+        warmup_steps: linear warmup steps (default 5).
+        weight_decay: AdamW weight decay (default 0.01).
+        max_grad_norm: gradient clipping norm (default 1.0).
+        optim: auto (adamw_8bit on CUDA, adamw_torch on CPU), adamw_8bit or adamw_torch.
+        gradient_checkpointing: unsloth (default; plain checkpointing on the transformers backend), on, off.
+        seed: random seed for LoRA init and data order (default 3407).
+        output_dir: where runs go (default models); <output_dir>/latest links to the newest finished run.
+        run_name: directory name of the run (default gpt-oss-20b_<profile>_r<rank>_<timestamp>).
+        save_steps: write a checkpoint every N steps (default from the profile).
+        keep_checkpoints: keep the newest K checkpoints (default 3).
+        logging_steps: print a log line every N steps (default 1).
+        tensorboard: write TensorBoard logs under <run>/logs (default true).
+        wandb_project: W&B project, used only when WANDB_API_KEY is set.
+        loss_target: loss monitor target (default 0.5).
+        overfit_below: final loss below this warns of overfitting (default 0.3).
+        underfit_above: final loss above this warns of underfitting (default 1.0).
+        resume: continue an unfinished run from its newest checkpoint: its directory, or bare --resume for the newest under output_dir.
+    Returns:
+        The finished run's directory.
+    """
+    overrides = {k: v for k, v in locals().items() if k != "resume"}
+    return str(run(overrides, resume=resume))
