@@ -233,6 +233,32 @@ def test_metrics(server, client):
         assert name in text
 
 
+def test_sample_on_device_gives_the_same_answers(harmony_models, tmp_path):
+    """llama.cpp's backend sampling (on the CPU backend here): same structure, stream and not."""
+    server = sup.LiveServer("--backend", "llamacpp", "--model", str(harmony_models["gguf"]), "--ctx", "1024", "--parallel", "2",
+                            "--sample-on-device", "--model-name", MODEL, log_path=tmp_path / "device-sampling.log")
+    try:
+        assert httpx.get(server.url + "/health", timeout=30).json()["sample_on_device"] is True
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        resp = client.chat.completions.create(model=MODEL, messages=sup.GREETING, temperature=0)
+        assert resp.choices[0].message.content == sup.GREETING_ANSWER
+        assert resp.choices[0].message.reasoning_content == sup.GREETING_REASONING
+        stream = client.chat.completions.create(model=MODEL, messages=sup.WEATHER_QUESTION, tools=[sup.WEATHER_TOOL],
+                                                temperature=0, stream=True)
+        args, finish = "", None
+        for chunk in stream:
+            for choice in chunk.choices:
+                for tc in choice.delta.tool_calls or []:
+                    args += tc.function.arguments or ""
+                finish = choice.finish_reason or finish
+        assert json.loads(args) == {"city": "Paris"} and finish == "tool_calls"
+        # sampled (temperature 1) requests run too, and count their tokens
+        resp = client.chat.completions.create(model=MODEL, messages=sup.GREETING, temperature=1.0, seed=1, max_tokens=8)
+        assert 1 <= resp.usage.completion_tokens <= 8
+    finally:
+        server.close()
+
+
 # ------------------------------------------------------------------------------------------------
 # Slots: disconnects and overload (long random generations on the untrained GGUF)
 
@@ -324,3 +350,23 @@ def test_load_300_requests_no_5xx(llamacpp_server):
     assert malformed > 0 and all(s.startswith("4") for k, by in result["by_kind"].items() if not k.startswith("ok") for s in by)
     assert result["statuses"].get("200", 0) == 300 - malformed
     assert result["health_after"] == 200
+
+
+@pytest.mark.gpu
+def test_transformers_backend_on_cuda(tiny_model, harmony_models, tmp_path):
+    """The CUDA path of the transformers backend (Unsloth when installed, plain transformers otherwise)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU")
+    server = sup.LiveServer("--backend", "transformers", "--model", str(tiny_model), "--adapter", str(harmony_models["adapter"]),
+                            "--device", "cuda:0", "--ctx", "1024", "--parallel", "2", "--model-name", MODEL,
+                            log_path=tmp_path / "transformers-cuda.log")
+    try:
+        health = httpx.get(server.url + "/health", timeout=30).json()
+        assert health["device"] == "cuda:0" and health["engine"] in ("unsloth", "transformers")
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        resp = client.chat.completions.create(model=MODEL, messages=sup.GREETING, temperature=0)
+        assert resp.choices[0].message.content == sup.GREETING_ANSWER
+        assert resp.choices[0].message.reasoning_content == sup.GREETING_REASONING
+    finally:
+        server.close()

@@ -144,8 +144,9 @@ def test_training_run_resolves_to_base_and_adapter(tmp_path):
     (export / "manifest.json").write_text(json.dumps({"artifacts": [{"path": "merged", "kind": "merged"}]}))
     assert _config(tmp_path, backend="transformers", model=str(export)).model == str((export / "merged").resolve())
     with pytest.raises(ServeError) as e:
-        _config(tmp_path, backend="transformers", model=str(tmp_path / "nothing"), quant="q4_k_m")
-    assert "--quant" in str(e.value) and "does not exist" in str(e.value)
+        _config(tmp_path, backend="transformers", model=str(tmp_path / "nothing"), quant="q4_k_m", sample_on_device=True)
+    for part in ("--quant", "does not exist", "--sample-on-device"):
+        assert part in str(e.value)
 
 
 def test_llamacpp_path_does_not_import_torch():
