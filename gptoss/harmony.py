@@ -240,6 +240,19 @@ def to_conversation(
     return oh.Conversation.from_messages(out + body)
 
 
+def _render(messages, tools, options, *, for_training: bool) -> list[int]:
+    import openai_harmony as oh
+
+    conv = to_conversation(messages, tools=tools, options=options)
+    config = oh.RenderConversationConfig(auto_drop_analysis=False)  # to_conversation applied the history rule
+    try:
+        if for_training:
+            return encoding().render_conversation_for_training(conv, config)
+        return encoding().render_conversation_for_completion(conv, oh.Role.ASSISTANT, config)
+    except oh.HarmonyError as e:
+        raise HarmonyInputError(f"openai-harmony could not render the conversation: {e}") from e
+
+
 def render_prompt(
     messages: Sequence[Mapping[str, Any]],
     *,
@@ -247,15 +260,7 @@ def render_prompt(
     options: SystemOptions | None = None,
 ) -> list[int]:
     """Token ids of the conversation followed by ``<|start|>assistant``, ready for completion."""
-    import openai_harmony as oh
-
-    conv = to_conversation(messages, tools=tools, options=options)
-    try:
-        return encoding().render_conversation_for_completion(
-            conv, oh.Role.ASSISTANT, oh.RenderConversationConfig(auto_drop_analysis=False)
-        )
-    except oh.HarmonyError as e:
-        raise HarmonyInputError(f"openai-harmony could not render the conversation: {e}") from e
+    return _render(messages, tools, options, for_training=False)
 
 
 def render_training(
@@ -265,13 +270,7 @@ def render_training(
     options: SystemOptions | None = None,
 ) -> list[int]:
     """Token ids of a whole conversation for training: a closing final answer ends in ``<|return|>``."""
-    import openai_harmony as oh
-
-    conv = to_conversation(messages, tools=tools, options=options)
-    try:
-        return encoding().render_conversation_for_training(conv, oh.RenderConversationConfig(auto_drop_analysis=False))
-    except oh.HarmonyError as e:
-        raise HarmonyInputError(f"openai-harmony could not render the conversation: {e}") from e
+    return _render(messages, tools, options, for_training=True)
 
 
 def render_prompt_text(messages, *, tools=None, options: SystemOptions | None = None) -> str:
