@@ -74,6 +74,9 @@ def training_run(tiny_model, tmp_path_factory) -> Path:
     models = tmp_path_factory.mktemp("container-work") / "models"
     run = training.train(profile="quick_test", model=str(tiny_model), dataset=str(REPO / "tests" / "data" / "train_tiny.jsonl"),
                          output_dir=str(models), max_steps=3, batch_size=2, grad_accum=1, device="cpu")
+    # Written by root here (safetensors files are 0600); the containers read as uid 1000, as the
+    # train container's own output would be readable to them in compose.
+    subprocess.run(["chmod", "-R", "a+rX", str(models)], check=True)
     return Path(run)
 
 
