@@ -13,6 +13,22 @@ from serving.backends import BACKENDS, BackendConfig, ServeError, get_backend
 DEVICE = re.compile(r"^(cpu|cuda:\d+)$")
 
 
+def gpu_problem(device: str) -> str | None:
+    """Why ``cuda:N`` cannot be used here (no NVIDIA GPU visible, or fewer than N+1), else None."""
+    import shutil
+    import subprocess
+
+    index = int(device.split(":", 1)[1])
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return f"--device {device}: no NVIDIA GPU is visible here (nvidia-smi not found); use --device cpu or give the container a GPU"
+    listed = subprocess.run([smi, "-L"], capture_output=True, text=True)
+    count = sum(1 for line in listed.stdout.splitlines() if line.startswith("GPU "))
+    if index >= count:
+        return f"--device {device}: GPU {index} does not exist here ({count} visible); pick one of cuda:0..cuda:{max(count - 1, 0)}"
+    return None
+
+
 def resolve_config(*, backend: str, model: str, adapter: str | None, quant: str | None, device: str, ctx: int,
                    parallel: int, threads: int | None, dtype: str, sample_on_device: bool = False) -> BackendConfig:
     """Check every flag and report all problems at once; find the model through the stage records."""
@@ -21,6 +37,8 @@ def resolve_config(*, backend: str, model: str, adapter: str | None, quant: str 
         problems.append(f"--backend {backend!r} is not one of {', '.join(sorted(BACKENDS))}")
     if not isinstance(device, str) or not DEVICE.match(device):
         problems.append(f"--device must be 'cpu' or 'cuda:N', got {device!r}")
+    elif device.startswith("cuda:") and (why := gpu_problem(device)):
+        problems.append(why)
     for flag, value, low in (("--ctx", ctx, 16), ("--parallel", parallel, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             problems.append(f"{flag} must be an integer >= {low}, got {value!r}")

@@ -21,6 +21,10 @@ from conftest import REPO, docker_build
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
+# testcontainers' reaper image cannot be pulled here; tests/run.sh sets these too.
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+os.environ.setdefault("TESTCONTAINERS_CONNECTION_MODE", "docker_host")
+
 WHEELHOUSE = REPO / "docker" / "wheelhouse"
 SECRET = f"hf_secret_{uuid.uuid4().hex}"
 
