@@ -43,4 +43,5 @@ else
 fi
 
 export GPTOSS_REQUIRE_DOCKER=1 TESTCONTAINERS_RYUK_DISABLED=true TESTCONTAINERS_CONNECTION_MODE=docker_host
-python3 -m pytest "$@"
+# GPU tests run on a GPU machine (pytest -m gpu), never in CI.
+python3 -m pytest -m "not gpu" "$@"
