@@ -115,7 +115,7 @@ def summary_table(manifest: dict, served: list[ServeResult]):
     for a in manifest.get("artifacts", []):
         fid = a.get("fidelity") or {}
         fallbacks = a.get("fallbacks")
-        art.add_row(a.get("path", "?"), str(a.get("quant") or a.get("kind", "")), _human(int(a.get("size", 0))),
+        art.add_row(Path(a.get("path", "?")).name, str(a.get("label") or a.get("quant") or ""), _human(int(a.get("size", 0))),
                     str(fallbacks.get("count", fallbacks) if isinstance(fallbacks, dict) else (fallbacks if fallbacks is not None else "")),
                     _fmt(fid.get("nmse")), _fmt(fid.get("mean_kl")), _fmt(fid.get("top1_agreement")))
     srv = Table(title="Serving: one request per backend (CPU)")
