@@ -141,6 +141,11 @@ def write(gguf: str, *, system: str | None = None, num_ctx: int | None = None, o
         raise ModelfileError(f"--out {out} is the GGUF itself; pass another file or a folder")
     text = render(from_line=from_path(gguf_path, out_path), system=system, num_ctx=num_ctx)
 
+    try:
+        if out_path.is_file() and out_path.read_text(encoding="utf-8") == text:
+            return out_path  # unchanged: a re-run leaves the file (and its mtime) alone
+    except (OSError, UnicodeDecodeError):
+        pass
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent)
     try:

@@ -84,6 +84,16 @@ def test_system_prompt_is_written_verbatim(gpt_oss_gguf):
     assert f'SYSTEM """{system}"""' in out.read_text(encoding="utf-8")
 
 
+def test_identical_rewrite_leaves_the_file_alone(gpt_oss_gguf):
+    out = write(str(gpt_oss_gguf))
+    os.utime(out, ns=(1_000_000_000, 1_000_000_000))
+    assert write(str(gpt_oss_gguf)) == out
+    assert out.stat().st_mtime_ns == 1_000_000_000
+    write(str(gpt_oss_gguf), system="Be brief.")
+    assert out.stat().st_mtime_ns != 1_000_000_000
+    assert 'SYSTEM """Be brief."""' in out.read_text(encoding="utf-8")
+
+
 def assert_error(excinfo, *needles):
     message = str(excinfo.value)
     assert "\n" not in message
