@@ -120,28 +120,45 @@ def parser_cost_us(n_tokens: int = 2000) -> float:
 
 
 def bench_one(gguf: Path, args) -> dict:
-    import httpx
-
     result = {"file": gguf.name, "size_gb": round(gguf.stat().st_size / 1e9, 2)}
     result["llama_bench"] = llama_bench(gguf, args.max_tokens, args.device != "cpu")
     for mode in args.modes:
+        log_path = Path(os.environ.get("OUT") or args.work, f"serve-{gguf.stem}-{mode}.log")
         srv_args = argparse.Namespace(url=None, backend="llamacpp", model=str(gguf), device=args.device, parallel=16, queue=32,
-                                      threads=None, ctx=args.ctx, start_timeout=600, sample_on_device=mode == "device")
-        r = result.setdefault(f"sampling_{mode}", {})
-        with serve_load.server(srv_args) as (url, _):
-            engine_url = httpx.get(url + "/health").json()["engine_url"]
-            if mode == args.modes[0]:  # the engine alone, every sampling mode (per request), once
-                result["llama_server_direct"] = asyncio.run(engine_direct(engine_url, args.max_tokens))
-            single = asyncio.run(serve_load.throughput(argparse.Namespace(streams=[1], max_tokens=args.max_tokens, repeat=3), url))
-            r["api_single_stream_tok_s"] = single["1"]["aggregate_tok_s"]
-            r["api_vs_llama_bench_tg"] = round(r["api_single_stream_tok_s"] / result["llama_bench"]["tg_tok_s"], 3)
-            direct = result["llama_server_direct"][mode]["1"]
-            r["api_vs_llama_server_direct"] = round(r["api_single_stream_tok_s"] / direct, 3)
-            r["streams"] = asyncio.run(serve_load.throughput(argparse.Namespace(streams=args.streams, max_tokens=args.max_tokens, repeat=2), url))
-            if mode == args.modes[0]:
-                r["load"] = asyncio.run(serve_load.load(argparse.Namespace(requests=args.load_requests, concurrency=16, malformed=0.1,
-                                                                          max_tokens=64, max_retries=30), url))
+                                      threads=None, ctx=args.ctx, start_timeout=600, sample_on_device=mode == "device",
+                                      log_path=log_path)
+        r = result.setdefault(f"sampling_{mode}", {"server_log": log_path.name})
+        try:
+            bench_mode(args, mode, srv_args, result, r)
+        except Exception as e:  # keep the other modes' figures; the server log says what happened
+            r["error"] = f"{type(e).__name__}: {e}"
+        on_progress(result)
     return result
+
+
+def bench_mode(args, mode: str, srv_args, result: dict, r: dict) -> None:
+    import httpx
+
+    with serve_load.server(srv_args) as (url, _):
+        engine_url = httpx.get(url + "/health").json()["engine_url"]
+        if mode == args.modes[0]:  # the engine alone, every sampling mode (per request), once
+            result["llama_server_direct"] = asyncio.run(engine_direct(engine_url, args.max_tokens))
+        single = asyncio.run(serve_load.throughput(argparse.Namespace(streams=[1], max_tokens=args.max_tokens, repeat=3), url))
+        r["api_single_stream_tok_s"] = single["1"]["aggregate_tok_s"]
+        r["api_vs_llama_bench_tg"] = round(r["api_single_stream_tok_s"] / result["llama_bench"]["tg_tok_s"], 3)
+        direct = result.get("llama_server_direct", {}).get(mode, {}).get("1")
+        if direct:
+            r["api_vs_llama_server_direct"] = round(r["api_single_stream_tok_s"] / direct, 3)
+        r["streams"] = asyncio.run(serve_load.throughput(argparse.Namespace(streams=args.streams, max_tokens=args.max_tokens, repeat=2), url))
+        if mode == args.modes[0]:
+            r["load"] = asyncio.run(serve_load.load(argparse.Namespace(requests=args.load_requests, concurrency=16, malformed=0.1,
+                                                                      max_tokens=64, max_retries=30), url))
+
+
+def on_progress(partial: dict) -> None:
+    """Figures so far to $OUT, so a run cut short by the command limit still reports them."""
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "serve_gpu.partial.json").write_text(json.dumps(partial, indent=2) + "\n")
 
 
 def main() -> None:

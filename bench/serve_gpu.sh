@@ -4,6 +4,8 @@
 #
 #   bash bench/serve_gpu.sh prepare        # here (PyPI + the llama.cpp cache): fills bench/carry/ (~40 MB)
 #   bash bench/serve_gpu.sh prepare-cmake  # only if the GPU machine has no cmake: bench/carry-cmake/ (~29 MB)
+#   bash bench/serve_gpu.sh setup          # GPU machine, carry bench/carry: wheels + source only (then build and
+#                                          # models can run side by side; models' quantize step needs build)
 #   bash bench/serve_gpu.sh build          # GPU machine, carry bench/carry: CUDA build (~3-5 min on 16 cores)
 #   bash bench/serve_gpu.sh models [N]     # GPU machine: fixture with N layers (default 4) -> F16 -> Q4_K_M
 #   bash bench/serve_gpu.sh bench [N]      # GPU machine: prints JSON, writes $OUT/serve_gpu.json
@@ -54,6 +56,10 @@ prepare-cmake)
         --python-version 3.12 --implementation cp -d bench/carry-cmake cmake
     du -sh bench/carry-cmake
     ;;
+setup)
+    install_carried_wheels
+    unpack_source
+    ;;
 build)
     install_carried_wheels
     unpack_source
@@ -77,7 +83,7 @@ bench)
     python3 bench/serve_gpu.py bench --layers "$LAYERS"
     ;;
 *)
-    sed -n '2,13p' "$0"
+    sed -n '2,15p' "$0"
     exit 2
     ;;
 esac

@@ -55,7 +55,9 @@ def server(args):
     if getattr(args, "sample_on_device", False):
         cmd += ["--sample-on-device"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
+    log_path = getattr(args, "log_path", None)
+    log = open(log_path, "ab") if log_path else None  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT if log else None)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + args.start_timeout
@@ -75,6 +77,8 @@ def server(args):
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        if log:
+            log.close()
 
 
 async def model_id(client: httpx.AsyncClient) -> str:

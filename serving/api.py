@@ -242,10 +242,17 @@ class GenerationStream(Response):
                     try:
                         async for event in gen:
                             await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+                    except Exception as e:  # headers are out: end the stream with an error event, not a torn socket
+                        log.exception("stream failed")
+                        error = {"message": f"internal error: {type(e).__name__}", "type": "server_error", "param": None, "code": None}
+                        with contextlib.suppress(Exception):
+                            await send({"type": "http.response.body", "body": (_sse({"error": error}) + "data: [DONE]\n\n").encode(),
+                                        "more_body": True})
                     finally:
                         with anyio.CancelScope(shield=True):
                             await gen.aclose()
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    with contextlib.suppress(Exception):
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
                     tg.cancel_scope.cancel()
 
                 async def watch() -> None:
