@@ -293,7 +293,8 @@ class CountRequests:
 
 
 def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    # ASCII JSON: raw U+2028/U+0085 in generated text would split events for clients that split lines like str.splitlines.
+    return f"data: {json.dumps(obj)}\n\n"
 
 
 # ---------------------------------------------------------------------------------------------

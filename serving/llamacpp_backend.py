@@ -165,12 +165,15 @@ class LlamaCppBackend(Backend):
             if resp.status_code != 200:
                 text = (await resp.aread()).decode(errors="replace")
                 raise BackendError(f"llama-server answered {resp.status_code}: {text[:500]}")
-            async for line in resp.aiter_lines():
+            async for line in sse_lines(resp.aiter_bytes()):
                 if not line.startswith("data: "):
                     if line.startswith("error:"):
                         raise BackendError(f"llama-server: {line[6:].strip()[:500]}")
                     continue
-                chunk = json.loads(line[6:])
+                try:
+                    chunk = json.loads(line[6:])
+                except json.JSONDecodeError as e:
+                    raise BackendError(f"llama-server sent an unreadable event ({e}): {line[:200]!r}") from e
                 if "error" in chunk:
                     raise BackendError(f"llama-server: {chunk['error']}")
                 tokens = [int(t) for t in chunk.get("tokens") or []]
@@ -195,6 +198,22 @@ class LlamaCppBackend(Backend):
             with anyio.CancelScope(shield=True):
                 await resp.aclose()
         raise BackendError("llama-server closed the stream before its final chunk")
+
+
+async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """Lines of an event stream, split at b"\\n" only.
+
+    httpx's aiter_lines splits like str.splitlines, also at U+2028, U+0085 and friends, which
+    llama-server writes raw inside JSON strings (generated text): that tore events in half.
+    """
+    buf = b""
+    async for chunk in chunks:
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode("utf-8", errors="replace")
+    if buf:
+        yield buf.rstrip(b"\r").decode("utf-8", errors="replace")
 
 
 def _recover_skipped(content: str, tokens: list[int]) -> list[int]:

@@ -155,3 +155,38 @@ def test_llamacpp_path_does_not_import_torch():
 
     code = "import sys, serving, serving.api; assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# Characters str.splitlines (and so httpx's aiter_lines) breaks at; llama-server writes them raw in JSON.
+SPLITLINES_BREAKERS = "\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e"
+
+
+def test_engine_events_survive_unicode_line_separators():
+    """A random-weight GPU run tore llama-server events at U+2028 inside generated text."""
+    import asyncio
+
+    from serving.llamacpp_backend import sse_lines
+
+    events = [{"content": f"a{c}b", "tokens": [i]} for i, c in enumerate(SPLITLINES_BREAKERS)]
+    events.append({"content": "é日本", "tokens": [99], "stop": True})
+    body = "".join(f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in events).encode()
+
+    async def chunks():  # 7-byte pieces: split inside JSON strings and inside multi-byte characters
+        for i in range(0, len(body), 7):
+            yield body[i:i + 7]
+
+    async def collect():
+        return [line async for line in sse_lines(chunks())]
+
+    lines = asyncio.run(collect())
+    assert [json.loads(line[6:]) for line in lines if line.startswith("data: ")] == events
+    assert len(body.decode().splitlines()) > len(lines)  # what aiter_lines would have made of it
+
+
+def test_api_events_are_one_line_for_any_line_splitter():
+    from serving.api import _sse
+
+    text = _sse({"choices": [{"delta": {"content": "x" + SPLITLINES_BREAKERS + "日本"}}]})
+    assert text.endswith("\n\n") and text.count("\n") == 2
+    assert text.splitlines() == [text[:-2], ""]
+    assert json.loads(text[6:])["choices"][0]["delta"]["content"] == "x" + SPLITLINES_BREAKERS + "日本"
