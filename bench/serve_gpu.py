@@ -16,6 +16,7 @@ import datetime
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -36,23 +37,29 @@ def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], check=True, **kw)
 
 
-def build_models(work: Path, fixture: str, layers: int, cuda: bool) -> dict[str, Path]:
+def build_models(work: Path, fixture: str, layers: int, cuda: bool, convert_type: str = "f16",
+                 drop_fixture: bool = False) -> dict[str, Path]:
+    """Fixture -> converted GGUF (F16, or Q8_0 where F16 + safetensors would not fit the disk) -> Q4_K_M."""
     name = f"{fixture}-{layers}l"
     fixture_dir = work / name
-    f16 = work / f"{name}-F16.gguf"
+    first_type = convert_type.upper()
+    converted = work / f"{name}-{first_type}.gguf"
     q4 = work / f"{name}-Q4_K_M.gguf"
-    if not (fixture_dir / "config.json").is_file():
+    if not converted.is_file() and not (fixture_dir / "config.json").is_file():
         sh([sys.executable, "-m", "gptoss", "fixture", fixture, "--layers", layers, "--out", fixture_dir, "--force"], cwd=ROOT)
-    if not f16.is_file():
+    if not converted.is_file():
         script, env = llamacpp.converter()
-        tmp = f16.with_suffix(".partial")
-        sh([sys.executable, script, fixture_dir, "--outfile", tmp, "--outtype", "f16"], env=env)
-        os.replace(tmp, f16)
+        tmp = converted.with_suffix(".partial")
+        sh([sys.executable, script, fixture_dir, "--outfile", tmp, "--outtype", convert_type], env=env)
+        os.replace(tmp, converted)
+    if drop_fixture and fixture_dir.is_dir():
+        shutil.rmtree(fixture_dir)
     if not q4.is_file():
         tmp = q4.with_suffix(".partial")
-        sh([llamacpp.tool("llama-quantize", cuda=cuda, build=False), f16, tmp, "Q4_K_M"])
+        requant = ["--allow-requantize"] if first_type != "F16" else []
+        sh([llamacpp.tool("llama-quantize", cuda=cuda, build=False), *requant, converted, tmp, "Q4_K_M"])
         os.replace(tmp, q4)
-    return {"F16": f16, "Q4_K_M": q4}
+    return {first_type: converted, "Q4_K_M": q4}
 
 
 def llama_bench(gguf: Path, n_gen: int, cuda: bool) -> dict:
@@ -65,6 +72,20 @@ def llama_bench(gguf: Path, n_gen: int, cuda: bool) -> dict:
         result[f"{kind}_tok_s"] = round(row["avg_ts"], 2)
         result[f"{kind}_tok_s_stdev"] = round(row.get("stddev_ts", 0.0), 2)
     result["build"] = rows[0].get("build_commit") if rows else None
+    return result
+
+
+def batched_bench(gguf: Path, n_gen: int, cuda: bool, streams=(1, 4, 8, 16)) -> dict:
+    """llama-batched-bench: the engine's own multi-sequence decode (no sampling, no server)."""
+    out = sh([llamacpp.tool("llama-batched-bench", cuda=cuda, build=False), "-m", gguf, "-ngl", "999" if cuda else "0",
+              "-c", str(max(streams) * (128 + n_gen)), "-b", "2048", "-ub", "512", "-npp", "128", "-ntg", str(n_gen),
+              "-npl", ",".join(map(str, streams)), "--output-format", "jsonl"], capture_output=True, text=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    result = {str(row["pl"]): round(row["speed_tg"], 2) for row in rows}
+    if "1" in result:
+        for n in list(result):
+            if n != "1":
+                result[f"x{n}"] = round(result[n] / result["1"], 2)
     return result
 
 
@@ -122,6 +143,11 @@ def parser_cost_us(n_tokens: int = 2000) -> float:
 def bench_one(gguf: Path, args) -> dict:
     result = {"file": gguf.name, "size_gb": round(gguf.stat().st_size / 1e9, 2)}
     result["llama_bench"] = llama_bench(gguf, args.max_tokens, args.device != "cpu")
+    try:
+        result["llama_batched_bench_tg"] = batched_bench(gguf, args.max_tokens, args.device != "cpu", tuple(args.streams))
+    except (subprocess.CalledProcessError, Exception) as e:  # an older build without the tool: the rest still runs
+        result["llama_batched_bench_tg"] = {"error": f"{type(e).__name__}: {e}"}
+    on_progress(result)
     for mode in args.modes:
         log_path = Path(os.environ.get("OUT") or args.work, f"serve-{gguf.stem}-{mode}.log")
         srv_args = argparse.Namespace(url=None, backend="llamacpp", model=str(gguf), device=args.device, parallel=16, queue=32,
@@ -174,11 +200,14 @@ def main() -> None:
     p.add_argument("--quants", default="F16,Q4_K_M")
     p.add_argument("--streams", default="1,4,8,16", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--convert-type", default="f16", choices=["f16", "q8_0"],
+                   help="q8_0 for deep fixtures: safetensors + F16 GGUF would not fit a 64 GB disk")
+    p.add_argument("--drop-fixture", action="store_true", help="delete the fixture checkpoint once converted")
     p.add_argument("--ctx", type=int, default=2048)
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    models = build_models(work, args.fixture, args.layers, args.device != "cpu")
+    models = build_models(work, args.fixture, args.layers, args.device != "cpu", args.convert_type, args.drop_fixture)
     if args.stage == "models":
         print(json.dumps({k: str(v) for k, v in models.items()}))
         return

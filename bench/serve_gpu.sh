@@ -7,7 +7,8 @@
 #   bash bench/serve_gpu.sh setup          # GPU machine, carry bench/carry: wheels + source only (then build and
 #                                          # models can run side by side; models' quantize step needs build)
 #   bash bench/serve_gpu.sh build          # GPU machine, carry bench/carry: CUDA build (~3-5 min on 16 cores)
-#   bash bench/serve_gpu.sh models [N]     # GPU machine: fixture with N layers (default 4) -> F16 -> Q4_K_M
+#   bash bench/serve_gpu.sh models [N] [..] # GPU machine: fixture with N layers (default 4) -> F16 -> Q4_K_M
+#                                          # (more flags go to serve_gpu.py, e.g. --convert-type q8_0 --drop-fixture)
 #   bash bench/serve_gpu.sh bench [N]      # GPU machine: prints JSON, writes $OUT/serve_gpu.json
 #
 # Everything lands under .cache/ in the repo (git-ignored), so the stages can run as separate
@@ -70,17 +71,17 @@ build)
     fi
     command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || { echo "no nvcc: the CUDA build needs the CUDA toolkit" >&2; exit 2; }
     export PATH="$PATH:/usr/local/cuda/bin"
-    python3 -c "from gptoss import llamacpp as l; print(l.build_tools(cuda=True, targets=('llama-server', 'llama-bench', 'llama-quantize')))"
+    python3 -c "from gptoss import llamacpp as l; print(l.build_tools(cuda=True, targets=('llama-server', 'llama-bench', 'llama-batched-bench', 'llama-quantize')))"
     ;;
 models)
     install_carried_wheels
     unpack_source
-    python3 bench/serve_gpu.py models --layers "$LAYERS"
+    python3 bench/serve_gpu.py models --layers "$LAYERS" "${@:3}"
     ;;
 bench)
     install_carried_wheels
     unpack_source
-    python3 bench/serve_gpu.py bench --layers "$LAYERS"
+    python3 bench/serve_gpu.py bench --layers "$LAYERS" "${@:3}"
     ;;
 *)
     sed -n '2,15p' "$0"

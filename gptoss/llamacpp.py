@@ -22,6 +22,8 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 # Build products we use; each is a CMake target of llama.cpp.
 TOOLS = ("llama-server", "llama-quantize", "llama-bench")
+# Built only when asked for (bench/serve_gpu.sh): the engine's own multi-sequence decode benchmark.
+BENCH_TOOLS = ("llama-batched-bench",)
 
 
 class LlamaCppError(ToolchainError):
@@ -131,8 +133,8 @@ def tool(name: str, *, build: bool = True, cuda: bool = False) -> Path:
 
     $GPTOSS_LLAMA_CPP_BIN (a folder) wins: images ship prebuilt tools there.
     """
-    if name not in TOOLS:
-        raise LlamaCppError(f"unknown llama.cpp tool {name!r}; known: {', '.join(TOOLS)}")
+    if name not in TOOLS + BENCH_TOOLS:
+        raise LlamaCppError(f"unknown llama.cpp tool {name!r}; known: {', '.join(TOOLS + BENCH_TOOLS)}")
     bin_override = os.environ.get("GPTOSS_LLAMA_CPP_BIN")
     if bin_override:
         path = Path(bin_override) / name
