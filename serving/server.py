@@ -44,6 +44,8 @@ def resolve_config(*, backend: str, model: str, adapter: str | None, quant: str 
             problems.append(f"{flag} must be an integer >= {low}, got {value!r}")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         problems.append(f"--threads must be a positive integer, got {threads!r}")
+    if isinstance(sample_on_device, str) and sample_on_device.lower() in ("true", "false"):
+        sample_on_device = sample_on_device.lower() == "true"  # fire leaves lower-case words as text (compose, .env)
     if not isinstance(sample_on_device, bool):
         problems.append(f"--sample-on-device is a switch (true/false), got {sample_on_device!r}")
     elif sample_on_device and backend != "llamacpp":

@@ -190,3 +190,13 @@ def test_api_events_are_one_line_for_any_line_splitter():
     assert text.endswith("\n\n") and text.count("\n") == 2
     assert text.splitlines() == [text[:-2], ""]
     assert json.loads(text[6:])["choices"][0]["delta"]["content"] == "x" + SPLITLINES_BREAKERS + "日本"
+
+
+def test_sample_on_device_takes_compose_words(tmp_path):
+    """compose passes --sample-on-device=${SERVE_SAMPLE_ON_DEVICE:-true}; fire leaves 'true' as text."""
+    gguf = tmp_path / "a.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert _config(tmp_path, model=str(gguf), sample_on_device="true").sample_on_device is True
+    assert _config(tmp_path, model=str(gguf), sample_on_device="False").sample_on_device is False
+    with pytest.raises(ServeError, match="is a switch"):
+        _config(tmp_path, model=str(gguf), sample_on_device="yes please")
