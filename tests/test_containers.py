@@ -195,3 +195,24 @@ def test_publish_without_token_exits_with_one_clear_message(images, exported):
     assert run.returncode != 0
     errors = [line for line in run.stderr.splitlines() if line.startswith("gptoss: error:")]
     assert len(errors) == 1 and "HF_TOKEN" in errors[0], run.stderr[-2000:]
+
+
+def test_cuda_images_build_as_far_as_this_machine_allows(base_image):
+    """The CUDA images' stages that need neither nvcc nor a CUDA torch download, on the local base in
+    place of nvidia/cuda: the CUDA builder + serving venv (serve-llamacpp's Python side) and the
+    runtime stage train / serve-unsloth / serve-llamacpp share. llama.cpp's CUDA build (nvcc) and the
+    ~3 GB CUDA torch are left to the GPU run in docker/README.md; the train lock's consistency with
+    that torch is tests/test_locks.py."""
+    flags = [*base_image.build_flags("CUDA_DEVEL_IMAGE"), "--build-arg", f"CUDA_RUNTIME_IMAGE={base_image.name}"]
+    tags = {}
+    for target in ("cuda-serve-venv", "cuda-runtime"):
+        tags[target] = f"gptoss-test/{target}:latest"
+        docker_build(REPO, tags[target], *flags, dockerfile=REPO / "docker" / "Dockerfile", target=target)
+    venv = _docker("run", "--rm", "--entrypoint", "/opt/venv/bin/python3", tags["cuda-serve-venv"], "-c",
+                   "import importlib.util, serving, gptoss.cli; print(importlib.util.find_spec('torch') is None)")
+    assert venv.stdout.strip() == "True"  # the llama.cpp serving image carries no torch
+    user = _docker("run", "--rm", "--user", "gptoss", "--entrypoint", "id", tags["cuda-runtime"])
+    assert "uid=1000(gptoss)" in user.stdout
+    workdir = _docker("run", "--rm", "--user", "gptoss", "--entrypoint", "sh", tags["cuda-runtime"], "-c",
+                      "touch /work/models/x /work/exports/x && echo writable")
+    assert workdir.stdout.strip() == "writable"
