@@ -4,7 +4,7 @@
 #   serve.txt   core + serve extra (no torch: serve-cpu and serve-llamacpp)
 #   train.txt   core + train + serve + unsloth extras for the CUDA images (train, serve-unsloth): resolved
 #               for their Python (3.12, Ubuntu 24.04) against the CUDA torch pinned in docker/Dockerfile
-#               (TORCH_VERSION), which the lock leaves out (the image installs it from TORCH_CUDA_INDEX)
+#               (TORCH_VERSION, also in cuda-constraints.txt), which the lock leaves out (the image installs it)
 # Needs uv (pip install uv). The project itself is installed with --no-deps after the lock.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,13 +23,10 @@ compile() {
 }
 compile export.txt --extra export
 compile serve.txt --extra serve
-# train and serve-unsloth install the CUDA torch pinned in docker/Dockerfile, so torch is left out.
+# train and serve-unsloth install the CUDA torch pinned in docker/Dockerfile, so torch is left out;
+# resolved against docker/locks/cuda-constraints.txt (that torch, and the torchao that works with it).
 # PyPI's Linux torch of that version is the CUDA build, so no extra index is needed to resolve.
-TORCH_CUDA_VERSION=$(sed -n 's/^ARG TORCH_VERSION=//p' docker/Dockerfile)
-cuda_constraints=$(mktemp)
-trap 'rm -f "$overrides" "$cuda_constraints"' EXIT
-echo "torch==$TORCH_CUDA_VERSION" >"$cuda_constraints"
 uv pip compile pyproject.toml --python-version 3.12 --python-platform x86_64-manylinux_2_28 --no-header --no-annotate \
-   --constraint "$cuda_constraints" --extra train --extra serve --extra unsloth --no-emit-package torch \
+   --constraint docker/locks/cuda-constraints.txt --extra train --extra serve --extra unsloth --no-emit-package torch \
    -o docker/locks/train.txt --quiet
 echo "locks written: $(ls docker/locks)"

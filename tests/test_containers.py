@@ -216,3 +216,26 @@ def test_cuda_images_build_as_far_as_this_machine_allows(base_image):
     workdir = _docker("run", "--rm", "--user", "gptoss", "--entrypoint", "sh", tags["cuda-runtime"], "-c",
                       "touch /work/models/x /work/exports/x && echo writable")
     assert workdir.stdout.strip() == "writable"
+
+
+def test_train_image_builds_with_the_cuda_torch(base_image):
+    """The whole train image (serve-unsloth shares its venv) on the local base in place of nvidia/cuda:
+    the CUDA torch and the Unsloth stack from PyPI (~3 GB), torch/CUDA asserted and `pip check` at
+    build, the training stack importable without a GPU. Building it here first found torchao 0.18
+    breaking `import peft` on torch 2.8 (docker/locks/cuda-constraints.txt)."""
+    tag = "gptoss-test/train:latest"
+    docker_build(REPO, tag, *base_image.build_flags("CUDA_DEVEL_IMAGE"), "--build-arg", f"CUDA_RUNTIME_IMAGE={base_image.name}",
+                 "--build-arg", "TORCH_CUDA_INDEX=", dockerfile=REPO / "docker" / "Dockerfile", target="train")
+    try:
+        stack = _docker("run", "--rm", "--entrypoint", "python3", tag, "-c",
+                        "import torch, peft, trl, transformers, bitsandbytes, xformers, training; "
+                        "print(torch.__version__, torch.version.cuda, torch.cuda.is_available())")
+        assert stack.stdout.split()[-3:] == ["2.8.0+cu128", "12.8", "False"], stack.stdout + stack.stderr
+        assert _docker("run", "--rm", "--entrypoint", "id", tag, "-un").stdout.strip() == "gptoss"
+        # No GPU here: the train command stops before loading anything, with one line that says why.
+        run = _docker("run", "--rm", "-e", "HF_HUB_OFFLINE=1", tag, "train", "--profile", "quick_test", "--device", "cuda",
+                      check=False)
+        assert run.returncode != 0
+        assert "gptoss: error:" in run.stderr and "CUDA was requested but is not available" in run.stderr, run.stderr[-2000:]
+    finally:
+        _docker("image", "rm", tag, check=False)  # ~8.6 GB; BuildKit's cache keeps the layers for the next build

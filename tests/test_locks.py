@@ -14,6 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 LOCK = REPO / "docker" / "locks" / "train.txt"
+CONSTRAINTS = REPO / "docker" / "locks" / "cuda-constraints.txt"
 
 
 def pins(text: str) -> dict[str, str]:
@@ -31,6 +32,10 @@ def torch_version() -> str:
     return m.group(1)
 
 
+def test_constraints_pin_the_dockerfiles_torch():
+    assert pins(CONSTRAINTS.read_text())["torch"] == torch_version()
+
+
 def test_train_lock_has_unsloth_and_its_gpu_stack():
     locked = pins(LOCK.read_text())
     for name in ("unsloth", "unsloth-zoo", "bitsandbytes", "xformers", "triton", "trl", "peft", "transformers", "fastapi"):
@@ -39,11 +44,9 @@ def test_train_lock_has_unsloth_and_its_gpu_stack():
 
 
 @pytest.mark.skipif(shutil.which("uv") is None, reason="uv is in the dev extra: pip install -e '.[dev]'")
-def test_train_lock_resolves_with_the_pinned_cuda_torch(tmp_path):
-    constraints = tmp_path / "torch.txt"
-    constraints.write_text(f"torch=={torch_version()}\n")
+def test_train_lock_resolves_with_the_pinned_cuda_torch():
     proc = subprocess.run(
-        ["uv", "pip", "compile", str(LOCK), "--constraint", str(constraints), "--python-version", "3.12",
+        ["uv", "pip", "compile", str(LOCK), "--constraint", str(CONSTRAINTS), "--python-version", "3.12",
          "--python-platform", "x86_64-manylinux_2_28", "--no-header", "--no-annotate", "--quiet"],
         capture_output=True, text=True, timeout=600,
     )
@@ -54,3 +57,5 @@ def test_train_lock_resolves_with_the_pinned_cuda_torch(tmp_path):
     locked = pins(LOCK.read_text())
     assert resolved.pop("torch") == torch_version()
     assert resolved == locked  # nothing missing, nothing moved: the lock is complete and consistent
+    for name, version in pins(CONSTRAINTS.read_text()).items():
+        assert name == "torch" or locked.get(name) == version, f"{name}: lock {locked.get(name)}, constraint {version}"
