@@ -81,12 +81,15 @@ def batched_bench(gguf: Path, n_gen: int, cuda: bool, streams=(1, 4, 8, 16)) -> 
               "-c", str(max(streams) * (128 + n_gen)), "-b", "2048", "-ub", "512", "-npp", "128", "-ntg", str(n_gen),
               "-npl", ",".join(map(str, streams)), "--output-format", "jsonl"], capture_output=True, text=True).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    result = {str(row["pl"]): round(row["speed_tg"], 2) for row in rows}
-    if "1" in result:
-        for n in list(result):
-            if n != "1":
-                result[f"x{n}"] = round(result[n] / result["1"], 2)
-    return result
+    return with_ratios({str(row["pl"]): round(row["speed_tg"], 2) for row in rows})
+
+
+def with_ratios(by_streams: dict) -> dict:
+    """{"1": a, "8": b} -> also {"x8": b / a}: aggregate throughput against one stream."""
+    if "1" in by_streams:
+        for n in [k for k in by_streams if k != "1"]:
+            by_streams[f"x{n}"] = round(by_streams[n] / by_streams["1"], 2)
+    return by_streams
 
 
 async def engine_direct(engine_url: str, n_gen: int, streams=(1, 8), repeats: int = 2) -> dict:
@@ -116,10 +119,7 @@ async def engine_direct(engine_url: str, n_gen: int, streams=(1, 8), repeats: in
                     tokens = sum(await asyncio.gather(*(one(1000 * rep + i, extra) for i in range(n))))
                     rates.append(tokens / (time.perf_counter() - t0))
                 out.setdefault(mode, {})[str(n)] = round(sorted(rates)[len(rates) // 2], 2)
-            if "1" in out[mode]:
-                for n in list(out[mode]):
-                    if n != "1":
-                        out[mode][f"x{n}"] = round(out[mode][n] / out[mode]["1"], 2)
+            with_ratios(out[mode])
     return out
 
 
