@@ -200,24 +200,33 @@ class GenerationResponse(Response):
 
     async def __call__(self, scope, receive, send) -> None:
         result: list[Response] = []
-        try:
-            async with anyio.create_task_group() as tg:
-                async def run() -> None:
-                    await self.ticket.acquire()
-                    result.append(await self.produce())
-                    tg.cancel_scope.cancel()
 
-                async def watch() -> None:
-                    await _until_disconnect(receive)
-                    self.on_cancel()
-                    tg.cancel_scope.cancel()
+        async def run() -> None:
+            await self.ticket.acquire()
+            result.append(await self.produce())
 
-                tg.start_soon(run)
-                tg.start_soon(watch)
-        finally:
-            self.ticket.release()
+        await _until_done_or_disconnect(run, self.ticket, receive, self.on_cancel)
         if result:
             await result[0](scope, receive, send)
+
+
+async def _until_done_or_disconnect(work: Callable[[], Awaitable[None]], ticket: Ticket, receive, on_cancel: Callable[[], None]) -> None:
+    """Run ``work`` until it ends or the client goes away (then ``on_cancel`` and cancel it); the slot is released either way."""
+    try:
+        async with anyio.create_task_group() as tg:
+            async def run() -> None:
+                await work()
+                tg.cancel_scope.cancel()
+
+            async def watch() -> None:
+                await _until_disconnect(receive)
+                on_cancel()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(run)
+            tg.start_soon(watch)
+    finally:
+        ticket.release()
 
 
 class GenerationStream(Response):
@@ -233,37 +242,26 @@ class GenerationStream(Response):
         self.events, self.ticket, self.on_cancel = events, ticket, on_cancel
 
     async def __call__(self, scope, receive, send) -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-                async def run() -> None:
-                    await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-                    await self.ticket.acquire()
-                    gen = self.events()
-                    try:
-                        async for event in gen:
-                            await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
-                    except Exception as e:  # headers are out: end the stream with an error event, not a torn socket
-                        log.exception("stream failed")
-                        error = {"message": f"internal error: {type(e).__name__}", "type": "server_error", "param": None, "code": None}
-                        with contextlib.suppress(Exception):
-                            await send({"type": "http.response.body", "body": (_sse({"error": error}) + "data: [DONE]\n\n").encode(),
-                                        "more_body": True})
-                    finally:
-                        with anyio.CancelScope(shield=True):
-                            await gen.aclose()
-                    with contextlib.suppress(Exception):
-                        await send({"type": "http.response.body", "body": b"", "more_body": False})
-                    tg.cancel_scope.cancel()
+        async def run() -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            await self.ticket.acquire()
+            gen = self.events()
+            try:
+                async for event in gen:
+                    await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+            except Exception as e:  # headers are out: end the stream with an error event, not a torn socket
+                log.exception("stream failed")
+                error = {"message": f"internal error: {type(e).__name__}", "type": "server_error", "param": None, "code": None}
+                with contextlib.suppress(Exception):
+                    await send({"type": "http.response.body", "body": (_sse({"error": error}) + "data: [DONE]\n\n").encode(),
+                                "more_body": True})
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await gen.aclose()
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-                async def watch() -> None:
-                    await _until_disconnect(receive)
-                    self.on_cancel()
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(run)
-                tg.start_soon(watch)
-        finally:
-            self.ticket.release()
+        await _until_done_or_disconnect(run, self.ticket, receive, self.on_cancel)
 
 
 class CountRequests:
