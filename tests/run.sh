@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test entry point (README's test command; .ci/run calls it).
 # Installs what the tests need from Debian when missing, starts a Docker engine when `docker info`
-# fails (and stops the one it started), then runs pytest with any extra arguments.
+# fails (and stops the one it started), makes room on disk (tests/disk.sh), then runs pytest with any
+# extra arguments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +21,9 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
 fi
 
 started_dockerd=""
+disk_checked=""
 stop_dockerd() {
+  if [ -n "$disk_checked" ]; then bash tests/disk.sh after || true; fi
   if [ -n "$started_dockerd" ]; then
     kill "$started_dockerd" 2>/dev/null || true
     wait "$started_dockerd" 2>/dev/null || true
@@ -41,6 +44,10 @@ if ! docker info >/dev/null 2>&1; then
 else
   bash tests/docker-plugins.sh
 fi
+
+# Room for the image builds (prunes Docker's build cache when short); bounded again on exit.
+bash tests/disk.sh before
+disk_checked=1
 
 export GPTOSS_REQUIRE_DOCKER=1 TESTCONTAINERS_RYUK_DISABLED=true TESTCONTAINERS_CONNECTION_MODE=docker_host
 # GPU tests run on a GPU machine (pytest -m gpu), never in CI.
