@@ -58,10 +58,12 @@ def resolve_model_dir(id_or_dir: str, *, revision: str | None = None, what: str 
     if path.exists() or id_or_dir.startswith((".", "/", "~")) or id_or_dir.count("/") != 1:
         raise MissingFilesError(f"{what} {id_or_dir}: no such folder (and not a Hugging Face id 'owner/name')")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
 
+        # Offline, say so: given a commit, huggingface_hub 1.x still lists the repo tree (and fails)
+        # instead of returning the cached snapshot.
         local = snapshot_download(
-            id_or_dir, revision=revision,
+            id_or_dir, revision=revision, local_files_only=constants.HF_HUB_OFFLINE,
             allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"],
         )
     except Exception as e:  # hub errors come in many types; say which id failed and what to do

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from typing import Literal
 
+from gptoss.latest import LATEST, switch_latest
+
 from exporters import fidelity as fid
 from exporters import gguf as gg
 from exporters.gguf import QuantizeBackend
@@ -125,7 +127,8 @@ def export(run: str | None = None, *, quants: str | tuple = "q4_k_m,q5_k_m", als
         adapter: instead of --run: the PEFT LoRA adapter folder, with --base.
         name: file name stem of the GGUFs (default: the run name).
         out: export folder (default exports/<run>); manifest.json is written there last.
-        exports_dir: root of the exports tree (default ./exports).
+        exports_dir: root of the exports tree (default ./exports); its `latest` link is switched to
+            the run once the manifest is written (not with --out).
         fidelity: measure logits fidelity of every file on the fixed Harmony prompt set.
         compare_hf: compare F16 with the merged HF model in transformers: auto (when it fits in RAM), on, off.
         backend: quantizer: auto (llama-quantize if built, else llama-cpp-python), tool, python.
@@ -178,6 +181,8 @@ def export_run(run: str | None = None, *, quants="q4_k_m,q5_k_m", also="", merge
                        "training_info": (records.file_digest(inputs.run_dir / "training_info.json")
                                          if inputs.run_dir else None),
                        **mp.inputs_record}
+    if out is None and root.name == LATEST:
+        raise ExportStageError(f"export name {LATEST!r} is reserved for the {root.parent / LATEST} link; pass --name NAME")
     gguf_dir = root / GGUF_DIR
     rec_dir = root / RECORDS_DIR
     cli_command = " ".join(["gptoss", *sys.argv[1:]]) if sys.argv[1:2] == ["export"] else None
@@ -353,6 +358,8 @@ def export_run(run: str | None = None, *, quants="q4_k_m,q5_k_m", also="", merge
         "artifacts": artifacts,
     }
     records.write_json_atomic(manifest_path, manifest)
+    if out is None:
+        switch_latest(root)
     return ExportResult(manifest_path, manifest)
 
 

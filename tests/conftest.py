@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,13 +22,24 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def missing_tool(msg: str) -> None:
+    """Skip a test whose tool is missing, but fail under tests/run.sh (GPTOSS_REQUIRE_TOOLS=1), which
+    installs every tool: there a skip would hide a test that never ran."""
+    if os.environ.get("GPTOSS_REQUIRE_TOOLS") == "1":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    """A tiny gpt-oss checkpoint (seed 0) with the real tokenizer, written once per session."""
-    from gptoss.fixtures import fixture
-
+    """A tiny gpt-oss checkpoint (seed 0) with the real tokenizer, written once per session by the
+    command users run: `gptoss fixture tiny --out DIR`."""
     out = tmp_path_factory.mktemp("fixture") / "tiny"
-    return Path(fixture("tiny", out=str(out)))
+    proc = subprocess.run([sys.executable, "-m", "gptoss", "fixture", "tiny", "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == str(out), proc.stdout
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,13 +54,9 @@ def docker_available() -> bool:
 
 @pytest.fixture(scope="session")
 def docker_engine() -> None:
-    """Skips container tests when no engine runs, unless GPTOSS_REQUIRE_DOCKER=1 (tests/run.sh sets it)."""
-    if docker_available():
-        return
-    msg = "no Docker engine: run the tests through `bash tests/run.sh`, which starts one"
-    if os.environ.get("GPTOSS_REQUIRE_DOCKER") == "1":
-        pytest.fail(msg)
-    pytest.skip(msg)
+    """Skips container tests when no engine runs (fails under tests/run.sh, which starts one)."""
+    if not docker_available():
+        missing_tool("no Docker engine: run the tests through `bash tests/run.sh`, which starts one")
 
 
 BASE_SUITE = "bookworm"
@@ -105,6 +114,16 @@ def build_base_image() -> str:
 @pytest.fixture(scope="session")
 def base_image(docker_engine) -> BaseImage:
     return BaseImage(name=build_base_image(), ca_bundle=host_ca_bundle())
+
+
+def compose_config(env: dict | None = None) -> dict:
+    """compose.yaml as `docker compose config` resolves it (every profile), with only ``env`` set."""
+    if shutil.which("docker") is None or subprocess.run(["docker", "compose", "version"], capture_output=True).returncode:
+        missing_tool("docker compose is not installed (tests/run.sh installs it)")
+    proc = subprocess.run(["docker", "compose", "--profile", "*", "config", "--format", "json"], cwd=REPO,
+                          capture_output=True, text=True, env={"PATH": "/usr/local/bin:/usr/bin:/bin", **(env or {})})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
 def docker_build(context: Path, tag: str, *flags: str, dockerfile: Path | None = None, target: str | None = None) -> None:

@@ -50,9 +50,25 @@ def tiny_run(request, tmp_path_factory) -> Path:
     return cached(tmp_path_factory, "run", build) / "tiny-run"
 
 
+def tiny_trained_run(request, tmp_path_factory) -> Path:
+    """models/tiny-run/ from a real 5-step `gptoss train` on the tiny base (lr 1e-2, so the LoRA B
+    matrices, zero at the start, move enough to change the model measurably)."""
+    base = tiny_base(request, tmp_path_factory)
+    data = Path(__file__).resolve().parent / "data" / "train_tiny.jsonl"
+
+    def build(p: Path) -> None:
+        import training
+
+        training.train(profile="quick_test", model=str(base), dataset=str(data), output_dir=str(p / "models"),
+                       run_name="tiny-run", max_steps=5, batch_size=2, grad_accum=1, learning_rate=1e-2,
+                       device="cpu", tensorboard=False)
+
+    return cached(tmp_path_factory, "trained-run", build) / "models" / "tiny-run"
+
+
 def tiny_export(request, tmp_path_factory) -> dict:
-    """The export the CI test asks for: F16, Q4_K_M, Q5_K_M and MXFP4_MOE of the tiny run."""
-    run = tiny_run(request, tmp_path_factory)
+    """The export the CI test asks for: train 5 steps, then F16, Q4_K_M, Q5_K_M and MXFP4_MOE."""
+    run = tiny_trained_run(request, tmp_path_factory)
 
     def build(p: Path) -> None:
         from exporters.export import export_run

@@ -49,6 +49,7 @@ fi
 bash tests/disk.sh before
 disk_checked=1
 
-export GPTOSS_REQUIRE_DOCKER=1 TESTCONTAINERS_RYUK_DISABLED=true TESTCONTAINERS_CONNECTION_MODE=docker_host
+# Every tool is installed now: a test missing one fails instead of skipping (tests/conftest.py).
+export GPTOSS_REQUIRE_TOOLS=1 TESTCONTAINERS_RYUK_DISABLED=true TESTCONTAINERS_CONNECTION_MODE=docker_host
 # GPU tests run on a GPU machine (pytest -m gpu), never in CI.
 python3 -m pytest -m "not gpu" "$@"

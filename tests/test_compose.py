@@ -1,27 +1,14 @@
 """compose.yaml: valid, one profile per service, GPUs pinned from .env, secrets only from the environment."""
 
-import json
-import shutil
-import subprocess
-
 import pytest
 
-from conftest import REPO
+from conftest import REPO, compose_config
 
 pytestmark = pytest.mark.docker
 
 
-def _config(env: dict | None = None) -> dict:
-    if shutil.which("docker") is None or subprocess.run(["docker", "compose", "version"], capture_output=True).returncode:
-        pytest.skip("docker compose is not installed (tests/run.sh installs it)")
-    proc = subprocess.run(["docker", "compose", "--profile", "*", "config", "--format", "json"], cwd=REPO,
-                          capture_output=True, text=True, env={"PATH": "/usr/local/bin:/usr/bin:/bin", **(env or {})})
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
 def test_compose_config_is_valid_and_complete():
-    cfg = _config()
+    cfg = compose_config()
     services = cfg["services"]
     assert set(services) == {"train", "export", "publish", "serve-llamacpp", "serve-unsloth", "serve-cpu"}
     assert services["train"]["profiles"] == ["train"]
@@ -35,7 +22,7 @@ def test_compose_config_is_valid_and_complete():
 
 
 def test_gpus_come_from_env_and_secrets_from_the_environment():
-    cfg = _config({"TRAIN_GPU": "3", "SERVE_LLAMACPP_GPU": "2", "SERVE_UNSLOTH_GPU": "5", "HF_TOKEN": "hf_from_env"})
+    cfg = compose_config({"TRAIN_GPU": "3", "SERVE_LLAMACPP_GPU": "2", "SERVE_UNSLOTH_GPU": "5", "HF_TOKEN": "hf_from_env"})
     dev = lambda s: cfg["services"][s]["deploy"]["resources"]["reservations"]["devices"][0]  # noqa: E731
     assert dev("train")["device_ids"] == ["3"] and dev("serve-llamacpp")["device_ids"] == ["2"]
     assert dev("serve-unsloth")["device_ids"] == ["5"]
@@ -43,3 +30,24 @@ def test_gpus_come_from_env_and_secrets_from_the_environment():
     assert cfg["services"]["publish"]["environment"]["HF_TOKEN"] == "hf_from_env"
     text = (REPO / "compose.yaml").read_text()
     assert "hf_" not in text.replace("hf-cache", "")
+
+
+def _flag(command: list[str], flag: str) -> str:
+    assert command.count(flag) == 1, (flag, command)
+    return command[command.index(flag) + 1]
+
+
+def test_each_stage_reads_where_the_one_before_writes():
+    """train writes models/latest; export reads it and switches exports/latest (--exports-dir, not
+    --out: --out writes no link); serve-* and publish read exports/latest; serve-unsloth models/latest."""
+    services = compose_config()["services"]
+    train = services["train"]["command"]
+    assert _flag(train, "--output-dir") == "/work/models"
+    export = services["export"]["command"]
+    assert "--out" not in export
+    assert _flag(export, "--run") == "/work/models/latest"
+    exports_latest = _flag(export, "--exports-dir") + "/latest"
+    for name in ("serve-cpu", "serve-llamacpp"):
+        assert _flag(services[name]["command"], "--model") == exports_latest
+    assert _flag(services["publish"]["command"], "--run") == exports_latest
+    assert _flag(services["serve-unsloth"]["command"], "--model") == "/work/models/latest"

@@ -1,5 +1,6 @@
 """The CPU images for real: build `export` and `serve-cpu` on the local base, export a tiny training
-run in the export container, serve the GGUF from serve-cpu, and ask it with the openai client.
+run in the export container, serve the GGUF from serve-cpu, and ask it with the openai client. The
+containers run the commands of compose.yaml's services as `docker compose config` resolves them.
 
 Builds use exactly the knobs users get (docker/README.md): PYTHON_IMAGE, TORCH_CPU_INDEX, the `ca`
 build secret and docker/wheelhouse.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, docker_build
+from conftest import REPO, compose_config, docker_build
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -70,18 +71,46 @@ def images(base_image, wheelhouse) -> dict[str, str]:
     return tags
 
 
+HUB_ID = "gptoss-fixtures/tiny"  # the tiny fixture, found only in a Hugging Face cache folder
+
+
+def hf_cache_holding(model_dir: Path, repo_id: str, hf_home: Path) -> str:
+    """An HF_HOME whose hub cache holds ``model_dir`` as ``repo_id`` at main, laid out as
+    huggingface_hub writes it (refs/main -> snapshots/<commit>/); returns the commit."""
+    commit = uuid.uuid5(uuid.NAMESPACE_URL, repo_id).hex + "00000000"  # 40 hex digits, like a git sha
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return commit
+
+
 @pytest.fixture(scope="session")
 def training_run(tiny_model, tmp_path_factory) -> Path:
-    """A real tiny training run (3 steps), in a models/ folder the container user can write next to."""
-    import training
+    """A real tiny training run (3 steps) through the CLI, offline, on a base that is a Hub id found
+    in an HF cache, in a models/ folder the container user can write next to."""
+    import sys
 
-    models = tmp_path_factory.mktemp("container-work") / "models"
-    run = training.train(profile="quick_test", model=str(tiny_model), dataset=str(REPO / "tests" / "data" / "train_tiny.jsonl"),
-                         output_dir=str(models), max_steps=3, batch_size=2, grad_accum=1, device="cpu")
+    work = tmp_path_factory.mktemp("container-work")
+    commit = hf_cache_holding(tiny_model, HUB_ID, work / "hf-cache")
+    env = {**os.environ, "HF_HOME": str(work / "hf-cache"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "gptoss", "train", "--profile", "quick_test", "--model", HUB_ID,
+                           "--dataset", str(REPO / "tests" / "data" / "train_tiny.jsonl"), "--output-dir", str(work / "models"),
+                           "--max-steps", "3", "--batch-size", "2", "--grad-accum", "1", "--device", "cpu"],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = (work / "models" / "latest").resolve()
+    info = json.loads((run / "training_info.json").read_text())
+    assert (info["base_model"], info["base_model_revision"]) == (HUB_ID, commit)
     # Written by root here (safetensors files are 0600); the containers read as uid 1000, as the
     # train container's own output would be readable to them in compose.
-    subprocess.run(["chmod", "-R", "a+rX", str(models)], check=True)
-    return Path(run)
+    subprocess.run(["chmod", "-R", "a+rX", str(work)], check=True)
+    return run
+
+
+def compose_command(service: str, **env: str) -> list[str]:
+    """The command compose.yaml gives ``service``, with ``env`` in place of .env."""
+    return compose_config(env)["services"][service]["command"]
 
 
 def _world_writable(*dirs: Path) -> None:
@@ -91,22 +120,24 @@ def _world_writable(*dirs: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def exported(images, training_run, tiny_model) -> Path:
-    """Run the export container on the training run: merge, F16 + Q4_K_M GGUF, Modelfiles, manifest."""
+def exported(images, training_run) -> Path:
+    """compose's export service on the training run (models/latest), with no network: the base comes
+    from the mounted HF cache (HF_HUB_OFFLINE=1). Merge, F16 + Q4_K_M GGUF, Modelfiles, manifest,
+    exports/latest."""
     work = training_run.parent.parent
     exports = work / "exports"
     _world_writable(exports)
     name = f"gptoss-export-{uuid.uuid4().hex[:6]}"
-    run = _docker("run", "--name", name, "-e", f"HF_TOKEN={SECRET}", "-e", "HF_HUB_OFFLINE=1",
+    run = _docker("run", "--name", name, "--network", "none", "-e", f"HF_TOKEN={SECRET}", "-e", "HF_HUB_OFFLINE=1",
                   "-v", f"{training_run.parent}:/work/models", "-v", f"{exports}:/work/exports",
-                  "-v", f"{tiny_model}:{tiny_model}:ro",  # the base, at the path training_info.json names
-                  images["export"], "export", "--run", f"/work/models/{training_run.name}", "--quants", "q4_k_m",
-                  "--exports-dir", "/work/exports", check=False, timeout=1200)
+                  "-v", f"{work / 'hf-cache'}:/work/hf-cache:ro",
+                  images["export"], *compose_command("export", EXPORT_QUANTS="q4_k_m"), check=False, timeout=1200)
     logs = run.stdout + run.stderr
     _docker("rm", "-f", name, check=False)
     assert run.returncode == 0, logs[-4000:]
     manifest = exports / training_run.name / "manifest.json"
     assert manifest.is_file(), logs[-2000:]
+    assert os.readlink(exports / "latest") == training_run.name  # relative: valid inside and outside
     return manifest
 
 
@@ -141,8 +172,7 @@ def test_serve_cpu_answers_the_openai_client(images, exported):
         .with_volume_mapping(str(exports), "/work/exports", "ro")
         .with_env("HF_TOKEN", SECRET)
         .with_exposed_ports(8000)
-        .with_command(f"serve --backend llamacpp --model /work/exports/{exported.parent.name} --quant q4_k_m "
-                      "--device cpu --host 0.0.0.0 --port 8000 --parallel 2")
+        .with_command(compose_command("serve-cpu", SERVE_QUANT="q4_k_m", SERVE_PARALLEL="2"))
     )
     with container:
         cid = container.get_wrapped_container().id
@@ -181,7 +211,7 @@ def test_serve_cpu_without_artifacts_exits_with_one_clear_message(images, tmp_pa
 
 def test_gpu_id_that_does_not_exist_exits_with_one_clear_message(images, exported):
     run = _docker("run", "--rm", "-v", f"{exported.parent.parent}:/work/exports:ro", images["serve-cpu"], "serve",
-                  "--backend", "llamacpp", "--model", f"/work/exports/{exported.parent.name}", "--quant", "q4_k_m",
+                  "--backend", "llamacpp", "--model", "/work/exports/latest", "--quant", "q4_k_m",
                   "--device", "cuda:3", check=False, timeout=120)
     assert run.returncode != 0
     errors = [line for line in run.stderr.splitlines() if line.startswith("gptoss: error:")]
@@ -190,8 +220,7 @@ def test_gpu_id_that_does_not_exist_exits_with_one_clear_message(images, exporte
 
 def test_publish_without_token_exits_with_one_clear_message(images, exported):
     run = _docker("run", "--rm", "-e", "HF_HUB_OFFLINE=1", "-v", f"{exported.parent.parent}:/work/exports:ro", images["export"],
-                  "publish", "--run", f"/work/exports/{exported.parent.name}", "--repo-id", "someone/tiny", "--what", "gguf",
-                  check=False, timeout=120)
+                  *compose_command("publish", HF_REPO_ID="someone/tiny"), check=False, timeout=120)
     assert run.returncode != 0
     errors = [line for line in run.stderr.splitlines() if line.startswith("gptoss: error:")]
     assert len(errors) == 1 and "HF_TOKEN" in errors[0], run.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""`gptoss export` on the tiny fixture: adapter -> merge -> F16, Q4_K_M, Q5_K_M, MXFP4_MOE GGUFs."""
+"""`gptoss export` on the tiny fixture: train 5 steps -> merge -> F16, Q4_K_M, Q5_K_M, MXFP4_MOE GGUFs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import export_support as sup
 from exporters import gguf as gg
 from exporters import records
-from exporters.errors import DiskSpaceError, UnknownQuantError
+from exporters.errors import DiskSpaceError, ExportStageError, UnknownQuantError
 from exporters.export import MANIFEST, RECORDS_DIR, export_run
 from exporters.quants import QUANTS, get_quant
 
@@ -159,7 +159,10 @@ def _copy_f16(exported, root: Path) -> None:
 
 
 def test_interrupted_export_leaves_nothing_that_looks_complete(exported, tmp_path, monkeypatch):
-    root = tmp_path / "exp"
+    exports = tmp_path / "exports"
+    root = exports / "tiny-run"
+    (exports / "older").mkdir(parents=True)
+    os.symlink("older", exports / "latest")  # an earlier finished export
     merged = exported["root"] / "merged"
     _copy_f16(exported, root)
     real = gg.run_measured
@@ -174,15 +177,24 @@ def test_interrupted_export_leaves_nothing_that_looks_complete(exported, tmp_pat
 
     monkeypatch.setattr(gg, "run_measured", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        export_run(merged=str(merged), name="tiny-run", out=str(root), quants="q8_0", backend="tool",
+        export_run(merged=str(merged), name="tiny-run", exports_dir=str(exports), quants="q8_0", backend="tool",
                    fidelity=False, progress=False)
     assert not (root / MANIFEST).exists()
     assert not (root / "gguf/tiny-run-Q8_0.gguf").exists() and not list(root.rglob("*.partial*"))
+    assert os.readlink(exports / "latest") == "older"
     monkeypatch.undo()
-    res = export_run(merged=str(merged), name="tiny-run", out=str(root), quants="q8_0", fidelity=False,
+    res = export_run(merged=str(merged), name="tiny-run", exports_dir=str(exports), quants="q8_0", fidelity=False,
                      progress=False)
     assert [(a["quant"], a["skipped"]) for a in res.manifest["artifacts"]] == [("f16", True), ("q8_0", False)]
     assert (root / MANIFEST).is_file()
+    assert os.readlink(exports / "latest") == "tiny-run"  # switched only now, when the manifest is there
+    assert (exports / "latest" / MANIFEST).is_file()
+
+
+def test_latest_is_not_an_export_name(exported, tmp_path):
+    with pytest.raises(ExportStageError, match="reserved"):
+        export_run(merged=str(exported["root"] / "merged"), name="latest", exports_dir=str(tmp_path), fidelity=False)
+    assert not list(tmp_path.iterdir())
 
 
 def test_in_process_quantizer_matches_llama_quantize(exported, tmp_path):

@@ -241,6 +241,12 @@ def test_publish_gguf_repo_matches_the_manifest(chain, hub):
     assert rows["F16"][5:8] == ["ref."] * 3  # not measured itself (compare_hf off): the others' reference
     assert "`Q4_K_M` against `tiny-run-F16.gguf`" in readme
     assert chain.manifest["tools"]["llama_cpp_commit"] in readme and chain.info["dataset"]["content_sha256"] in readme
+    # provenance: the package versions each stage recorded, as tables under their stage
+    for stage, recorded in (("training", chain.info["versions"]), ("export", chain.manifest["tools"])):
+        table = readme.split(f"Package versions ({stage}):", 1)[1].split("\n\n", 2)[1]
+        shown = dict(line.strip("|").replace(" ", "").split("|") for line in table.splitlines()[2:])
+        assert shown["torch"] == recorded["torch"] and shown["transformers"] == recorded["transformers"], stage
+        assert {k: v for k, v in recorded.items() if k in shown} == shown
 
     commit = hub.commits("acme/tiny-GGUF")[0]
     assert commit.summary == "gptoss publish gguf from run tiny-run" and url.endswith(commit.sha)

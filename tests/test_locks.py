@@ -10,9 +10,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from conftest import REPO, missing_tool
 
-REPO = Path(__file__).resolve().parent.parent
 LOCK = REPO / "docker" / "locks" / "train.txt"
 CONSTRAINTS = REPO / "docker" / "locks" / "cuda-constraints.txt"
 
@@ -43,8 +42,9 @@ def test_train_lock_has_unsloth_and_its_gpu_stack():
     assert "torch" not in locked  # installed from TORCH_CUDA_INDEX at the version docker/Dockerfile pins
 
 
-@pytest.mark.skipif(shutil.which("uv") is None, reason="uv is in the dev extra: pip install -e '.[dev]'")
 def test_train_lock_resolves_with_the_pinned_cuda_torch():
+    if shutil.which("uv") is None:
+        missing_tool("uv is in the dev extra: pip install -e '.[dev]'")
     proc = subprocess.run(
         ["uv", "pip", "compile", str(LOCK), "--constraint", str(CONSTRAINTS), "--python-version", "3.12",
          "--python-platform", "x86_64-manylinux_2_28", "--no-header", "--no-annotate", "--quiet"],

@@ -25,6 +25,7 @@ import pytest
 from gptoss import harmony
 from modelfiles import template as template_module
 from modelfiles import write
+from conftest import missing_tool
 from modelfile_support import build_gotemplate, run_gotemplate, write_gguf
 
 FORCED = {
@@ -434,7 +435,7 @@ def go_scratch(tmp_path_factory):
 @pytest.fixture(scope="session")
 def gotemplate(go_scratch):
     if shutil.which("go") is None:
-        pytest.skip("Go is not installed (apt-get install golang-go; tests/run.sh installs it)")
+        missing_tool("Go is not installed (apt-get install golang-go; tests/run.sh installs it)")
     return build_gotemplate(go_scratch)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -99,6 +100,24 @@ def test_flags_are_checked_together(tmp_path):
     message = str(e.value)
     for flag in ("--device", "--ctx", "--parallel", "--model"):
         assert flag in message
+
+
+def test_gpu_that_does_not_exist_names_the_ones_that_do(tmp_path, monkeypatch):
+    """No GPU on CI: a stand-in nvidia-smi on PATH lists two (the only fake in this file)."""
+    from serving.server import gpu_problem
+
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA GeForce RTX 3090 (UUID: GPU-a)'\n"
+                   "echo 'GPU 1: NVIDIA GeForce RTX 3090 (UUID: GPU-b)'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}:{os.environ['PATH']}")
+    assert gpu_problem("cuda:1") is None
+    assert gpu_problem("cuda:2") == "--device cuda:2: GPU 2 does not exist here (2 visible); pick one of cuda:0..cuda:1"
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(ServeError, match="GPU 7 does not exist here"):
+        _config(tmp_path, model=str(gguf), device="cuda:7")
 
 
 def _config(tmp_path, **kw):

@@ -69,6 +69,19 @@ def test_split_expert_layout_targets_and_groups():
     B.check_expert_lora(groups, SimpleNamespace(lora_targets="all"))
 
 
+def test_wrapping_that_left_the_experts_frozen_is_an_error():
+    """The failure Unsloth/Axolotl users hit silently: LoRA on attention only (e.g. gate/up/down names
+    that match nothing in gpt-oss's fused experts). Here a wrap of the split layout that missed them."""
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(_split_layout_model(), LoraConfig(r=2, target_modules=list(B.ATTENTION_MODULES)))
+    groups = B.lora_groups(wrapped)
+    assert groups["attention"]["parameters"] > 0 and "experts.down_proj" not in groups
+    with pytest.raises(B.BackendError, match=r"LoRA did not reach the MoE experts \(experts.gate_up_proj, experts.down_proj"):
+        B.check_expert_lora(groups, SimpleNamespace(lora_targets="all"))
+    B.check_expert_lora(groups, SimpleNamespace(lora_targets="attention"))  # asked for: fine
+
+
 def test_no_expert_weights_is_an_error_unless_attention_only():
     import torch.nn as nn
 

@@ -3,9 +3,11 @@ all problems are reported at once, and bad input stops before anything is writte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
+import subprocess
 import typing
 from pathlib import Path
 
@@ -156,14 +158,31 @@ def test_output_dir_not_writable(tmp_path, tiny_model, capsys):
     assert afile.read_text() == ""
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through directory permissions")
-def test_output_dir_read_only(tmp_path, tiny_model, models_dir, capsys):
-    models_dir.chmod(0o555)
+@contextlib.contextmanager
+def _unwritable(path: Path):
+    """No new files in ``path``: mode 0555, or for root (CI), which writes through modes, the
+    immutable attribute (chattr +i)."""
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        try:
+            yield
+        finally:
+            path.chmod(0o755)
+        return
+    subprocess.run(["chattr", "+i", str(path)], check=True, capture_output=True)
     try:
-        rc = cli("train", "--model", tiny_model, "--dataset", TRAIN_JSONL, "--output-dir", models_dir)
+        yield
     finally:
-        models_dir.chmod(0o755)
-    assert rc == 2 and "is not writable" in capsys.readouterr().err
+        subprocess.run(["chattr", "-i", str(path)], check=True, capture_output=True)
+
+
+def test_output_dir_read_only(tmp_path, tiny_model, models_dir, capsys):
+    with _unwritable(models_dir):
+        rc = cli("train", "--profile", "quick_test", "--model", tiny_model, "--dataset", TRAIN_JSONL,
+                 "--output-dir", models_dir, "--max-steps", "5")
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("gptoss: error:") == 1, err
+    assert f"--output-dir {models_dir}: {models_dir} is not writable" in err
     _assert_untouched(models_dir)
 
 

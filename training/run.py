@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss.errors import ToolchainError
+from gptoss.latest import LATEST, switch_latest
 from training import backends as backends_mod
 from training import config as config_mod
 from training import data as data_mod
@@ -39,7 +40,6 @@ CONFIG_FILE = "train_config.json"
 INFO_FILE = "training_info.json"
 DATA_FILE = "data.json"  # the data record, written when the run starts (resume checks it)
 ADAPTER_DIR = "adapter"
-LATEST = "latest"
 RUN_PREFIX = "gpt-oss-20b"
 VERSIONED_PACKAGES = (
     "gptoss-toolchain", "torch", "transformers", "peft", "accelerate", "datasets", "tokenizers",
@@ -195,6 +195,18 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+def _hub_commit(model: str, revision: str | None) -> str | None:
+    """The commit a Hub id was loaded at, read from the local HF cache (works offline); None for a
+    local folder. Falls back to the revision asked for."""
+    if Path(model).expanduser().is_dir():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model, "config.json", revision=revision)
+    commit = Path(cached).parent.name if isinstance(cached, str) else None
+    return commit if commit and len(commit) == 40 else revision
+
+
 def _new_run_dir(cfg: TrainConfig) -> Path:
     root = Path(cfg.output_dir).expanduser().absolute()
     root.mkdir(parents=True, exist_ok=True)
@@ -213,15 +225,6 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-
-
-def _switch_latest(run_dir: Path) -> None:
-    latest = run_dir.parent / LATEST
-    tmp = run_dir.parent / f".{LATEST}.{os.getpid()}.tmp"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(run_dir.name, tmp)
-    os.replace(tmp, latest)
 
 
 def _peak_memory(device: str) -> dict[str, int | None]:
@@ -386,7 +389,7 @@ def _train_and_finish(cfg, backend, tokenizer, data, data_record, run_dir: Path,
     model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
     modules, parameters = backend.targets
-    base_revision = getattr(model.get_base_model().config, "_commit_hash", None) or cfg.revision
+    base_revision = getattr(model.get_base_model().config, "_commit_hash", None) or _hub_commit(cfg.model, cfg.revision)
     info = {
         "format": 1,
         "run": name,
@@ -430,7 +433,7 @@ def _train_and_finish(cfg, backend, tokenizer, data, data_record, run_dir: Path,
     final = run_dir.with_name(name)
     if run_dir != final:
         os.replace(run_dir, final)
-    _switch_latest(final)
+    switch_latest(final)
     log.info("finished: %s (adapter in %s); %s now points to it", final, final / ADAPTER_DIR, final.parent / LATEST)
     return final
 
