@@ -218,6 +218,36 @@ def test_gpu_id_that_does_not_exist_exits_with_one_clear_message(images, exporte
     assert len(errors) == 1 and "cuda:3" in errors[0], run.stderr[-2000:]
 
 
+def test_export_image_publishes_with_its_own_hub_client(images, exported):
+    """compose's publish command in the export image, whose huggingface_hub (2.x) is not the one the
+    publish tests run with, against tests/fakehub.py on the host's loopback (--network host; the
+    real Hub cannot be reached from CI). Every GGUF and Modelfile arrives with its manifest sha256."""
+    from fakehub import FakeHub
+
+    hub = FakeHub()
+    hub.start()
+    token = next(iter(hub.users))
+    try:
+        run = _docker("run", "--rm", "--network", "host", "-e", f"HF_TOKEN={token}", "-e", f"HF_ENDPOINT={hub.url}",
+                      "-e", "HF_HUB_DISABLE_XET=1", "-v", f"{exported.parent.parent}:/work/exports",
+                      "-v", f"{exported.parent.parent.parent / 'models'}:/work/models:ro", images["export"],
+                      *compose_command("publish", HF_REPO_ID="acme/tiny-GGUF"), check=False, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert token not in run.stdout + run.stderr
+        files = hub.files("acme/tiny-GGUF")
+    finally:
+        hub.stop()
+    import hashlib
+
+    manifest = json.loads(exported.read_text())
+    for a in manifest["artifacts"]:
+        for key, digest in (("path", "sha256"), ("modelfile", "modelfile_sha256")):
+            data = files[Path(a[key]).name]
+            assert hashlib.sha256(data).hexdigest() == a[digest], a[key]
+    assert "README.md" in files and b"base_model_relation: quantized" in files["README.md"]
+    (exported.parent / "published.json").unlink(missing_ok=True)  # leave the export as the other tests expect it
+
+
 def test_publish_without_token_exits_with_one_clear_message(images, exported):
     run = _docker("run", "--rm", "-e", "HF_HUB_OFFLINE=1", "-v", f"{exported.parent.parent}:/work/exports:ro", images["export"],
                   *compose_command("publish", HF_REPO_ID="someone/tiny"), check=False, timeout=120)

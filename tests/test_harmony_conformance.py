@@ -114,6 +114,37 @@ def test_completions_parse_like_openai_harmony(case):
     assert got.reasoning == f"Thinking about {case.name} ✓"
 
 
+# Completions as models write them, beyond what render_conversation_for_training produces.
+SHAPES = {
+    "final-only": ("<|channel|>final<|message|>Hi there.<|return|>", [], "Hi there."),
+    "preamble-then-call": ("<|channel|>commentary<|message|>Checking the weather.<|end|><|start|>assistant to=functions.get_weather"
+                           '<|channel|>commentary <|constrain|>json<|message|>{"city":"Paris"}<|call|>',
+                           [("get_weather", '{"city":"Paris"}')], ""),
+    "recipient-after-channel": ("<|channel|>analysis<|message|>need a tool<|end|><|start|>assistant<|channel|>commentary "
+                                "to=functions.lookup <|constrain|>json<|message|>{}<|call|>", [("lookup", "{}")], ""),
+    "call-without-constrain": ("<|channel|>analysis<|message|>x<|end|><|start|>assistant to=functions.lookup<|channel|>commentary"
+                               '<|message|>{"a": 1}<|call|>', [("lookup", '{"a": 1}')], ""),
+    "two-calls": ("<|channel|>analysis<|message|>two<|end|><|start|>assistant to=functions.a<|channel|>commentary json<|message|>{}"
+                  '<|call|><|start|>assistant to=functions.b<|channel|>commentary json<|message|>{"k":[1]}<|call|>',
+                  [("a", "{}"), ("b", '{"k":[1]}')], ""),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_completion_shapes_parse_like_openai_harmony(name):
+    text, calls, final = SHAPES[name]
+    enc = harmony.encoding()
+    tokens = enc.encode(text, allowed_special="all")
+    expected = enc.parse_messages_from_completion_tokens(tokens, oh.Role.ASSISTANT)
+    got = harmony.parse_completion(tokens)
+    assert got.errors == [] and got.unparsed_tokens == []
+    assert [(m.channel, m.recipient, m.content_type, m.content) for m in got.messages] == [
+        (m.channel, m.recipient, m.content_type, "".join(c.text for c in m.content)) for m in expected
+    ]
+    assert [(c.name, c.arguments) for c in got.tool_calls] == calls
+    assert got.final == final and got.stop == (harmony.CALL if calls else harmony.RETURN)
+
+
 def test_streaming_deltas_reassemble_the_channels():
     enc = harmony.encoding()
     text = "<|channel|>analysis<|message|>Let me think — 日本<|end|><|start|>assistant<|channel|>final<|message|>Bonjour 🎉<|return|>"
