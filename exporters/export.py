@@ -304,7 +304,9 @@ def export_run(run: str | None = None, *, quants="q4_k_m,q5_k_m", also="", merge
                                                    "prompts_sha256": prompt_digest}
                         records.write_json_atomic(rec_dir / f"{p['path'].name}.json", p["record"])
                         continue
-                    ref, test, ref_name = fid.hf_logits(merged_dir, tokens), ref16, "merged HF model (transformers, float32)"
+                    note = fid.reference_config(merged_dir)[1]
+                    ref_name = "merged HF model (transformers, float32" + (f"; {note})" if note else ")")
+                    ref, test = fid.hf_logits(merged_dir, tokens), ref16
                 else:
                     ref, test, ref_name = ref16, fid.gguf_logits(p["path"], tokens, threads=threads), f"{stem}-F16.gguf"
                 f = fid.compare(ref, test)

@@ -1,9 +1,13 @@
 """How close a GGUF's logits are to a reference, on a fixed set of Harmony prompts.
 
 Prompts are rendered by the Harmony core (gptoss.harmony.render_prompt). GGUFs run in
-llama-cpp-python with logits for every position; the merged HF model runs in transformers in
-float32. Metrics over all prompt positions: NMSE of logits (sum of squared error / sum of squared
-reference), mean KL(reference || test) of the next-token distributions, top-1 agreement.
+llama-cpp-python with logits for every position and an F32 KV cache (the file is measured, not
+the runtime's F16 cache); the merged HF model runs in transformers in float32, with YaRN's
+correction range truncated as llama.cpp always does it (gpt-oss's config says `truncate: false`,
+which llama.cpp cannot reproduce: that engine difference alone is NMSE ~2.5e-4 at gpt-oss-20b's
+widths, see docs/BENCHMARKS.md). Metrics over all prompt positions: NMSE of logits (sum of squared
+error / sum of squared reference), mean KL(reference || test) of the next-token distributions,
+top-1 agreement.
 """
 
 from __future__ import annotations
@@ -37,8 +41,12 @@ def prompt_tokens() -> list[list[int]]:
     return out
 
 
+# How logits are measured; part of the digest, so records made another way are measured again.
+METHOD = "gguf: f32 kv cache; hf: float32, yarn truncate as llama.cpp"
+
+
 def prompts_digest(tokens: list[list[int]]) -> str:
-    return hashlib.sha256(json.dumps(tokens).encode()).hexdigest()
+    return hashlib.sha256(json.dumps({"tokens": tokens, "method": METHOD}).encode()).hexdigest()
 
 
 def gguf_logits(path: str | os.PathLike, tokens: list[list[int]], *, threads: int | None = None):
@@ -47,8 +55,9 @@ def gguf_logits(path: str | os.PathLike, tokens: list[list[int]], *, threads: in
     import numpy as np
 
     n_ctx = max(len(t) for t in tokens) + 8
+    f32 = 0  # GGML_TYPE_F32
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                          n_threads=threads or os.cpu_count(), verbose=False, seed=0)
+                          n_threads=threads or os.cpu_count(), verbose=False, seed=0, type_k=f32, type_v=f32)
     try:
         out = []
         for toks in tokens:
@@ -60,12 +69,27 @@ def gguf_logits(path: str | os.PathLike, tokens: list[list[int]], *, threads: in
         llm.close()
 
 
+def reference_config(model_dir: str | os.PathLike):
+    """The checkpoint's config with YaRN truncation on (as llama.cpp computes RoPE), and a note
+    saying so when the config had it off (None otherwise)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if isinstance(rope, dict) and rope.get("rope_type") == "yarn" and rope.get("truncate") is False:
+        rope["truncate"] = True
+        return config, "YaRN truncated as llama.cpp computes it; the config says truncate: false"
+    return config, None
+
+
 def hf_logits(model_dir: str | os.PathLike, tokens: list[list[int]]):
-    """Logits of the HF checkpoint in float32 (transformers), one array per prompt."""
+    """Logits of the HF checkpoint in float32 (transformers), one array per prompt; RoPE as
+    llama.cpp computes it (reference_config)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    config, _ = reference_config(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, dtype=torch.float32)
     model.eval()
     out = []
     with torch.no_grad():

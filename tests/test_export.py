@@ -58,6 +58,18 @@ def test_manifest_lists_every_artifact_honestly(exported):
     assert not list(root.rglob("*.partial*"))
 
 
+def test_f16_reference_computes_rope_as_llama_cpp(exported):
+    """gpt-oss's config has YaRN `truncate: false`, which llama.cpp cannot reproduce; the F16 gate
+    compares against transformers with truncation on, and the manifest says so."""
+    from exporters import fidelity as fid
+
+    merged = exported["root"] / "merged"
+    config, note = fid.reference_config(merged)
+    assert note and config.rope_parameters["truncate"] is True
+    assert '"truncate": false' in (merged / "config.json").read_text()  # the exported config is left as trained
+    assert note in _artifact(exported["manifest"], "f16")["fidelity"]["reference"]
+
+
 def test_header_reader_matches_gguf_reader(exported):
     """exporters.gguf.inspect (fast, header only) agrees with the vendored gguf-py's GGUFReader."""
     gguf = gg.gguf_module()
