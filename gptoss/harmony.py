@@ -196,6 +196,15 @@ def to_conversation(
             body.append(oh.Message.from_role_and_content(oh.Role.USER, _text(msg.get("content"), where)))
         elif role == "assistant":
             thinking = msg.get("reasoning_content", msg.get("thinking"))
+            content = _text(msg.get("content"), where)
+            if msg.get("tool_calls") and content:
+                # As OpenAI's gpt-oss chat template: text beside a tool call is the analysis before it.
+                if thinking:
+                    raise HarmonyInputError(
+                        f"{where}: an assistant message with tool_calls has both content and reasoning_content/thinking; "
+                        "put the analysis before the call in one of them"
+                    )
+                thinking, content = content, ""
             if thinking and i > last_user:
                 body.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, _text(thinking, where)).with_channel("analysis"))
             for j, call in enumerate(msg.get("tool_calls") or []):
@@ -209,7 +218,6 @@ def to_conversation(
                     .with_recipient(f"{FUNCTIONS_NS}.{name}")
                     .with_content_type("json")
                 )
-            content = _text(msg.get("content"), where)
             if content or not (thinking or msg.get("tool_calls")):
                 body.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, content).with_channel("final"))
         elif role == "tool":

@@ -84,15 +84,18 @@ _HEAD = r"""{{- /* gpt-oss Harmony prompt (gptoss-toolchain); mirrors gptoss/har
   {{- if eq $m.Role "user" -}}
     {{- "<|start|>user<|message|>" -}}{{- $m.Content -}}{{- "<|end|>" -}}
   {{- else if eq $m.Role "assistant" -}}
-    {{- if and $m.Thinking (gt $i $lastUser) -}}
-      {{- "<|start|>assistant<|channel|>analysis<|message|>" -}}{{- $m.Thinking -}}{{- "<|end|>" -}}
+    {{- /* text beside a tool call is the analysis before it (thinking wins when both are given) */ -}}
+    {{- $analysis := $m.Thinking -}}
+    {{- if $m.ToolCalls -}}{{- $analysis = or $m.Thinking $m.Content -}}{{- end -}}
+    {{- if and $analysis (gt $i $lastUser) -}}
+      {{- "<|start|>assistant<|channel|>analysis<|message|>" -}}{{- $analysis -}}{{- "<|end|>" -}}
     {{- end -}}
     {{- range $m.ToolCalls -}}
       {{- "<|start|>assistant to=functions." -}}{{- .Function.Name -}}{{- "<|channel|>commentary json<|message|>" -}}
       {{- if .Function.Arguments -}}{{- json .Function.Arguments -}}{{- else -}}{{- "{}" -}}{{- end -}}
       {{- "<|call|>" -}}
     {{- end -}}
-    {{- if or $m.Content (not (or $m.Thinking $m.ToolCalls)) -}}
+    {{- if and (not $m.ToolCalls) (or $m.Content (not $m.Thinking)) -}}
       {{- "<|start|>assistant<|channel|>final<|message|>" -}}{{- $m.Content -}}{{- "<|end|>" -}}
     {{- end -}}
   {{- else if eq $m.Role "tool" -}}

@@ -187,6 +187,10 @@ def test_bad_input_names_the_message_and_field():
         harmony.render_prompt([{"role": "user", "content": "x"}], tools=[{"type": "function", "function": {}}])
     with pytest.raises(harmony.HarmonyInputError, match="reasoning_effort"):
         harmony.SystemOptions(reasoning_effort="extreme")
+    both = {"role": "assistant", "content": "I'll check.", "reasoning_content": "need weather",
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]}
+    with pytest.raises(harmony.HarmonyInputError, match=r"messages\[1\]: an assistant message with tool_calls has both"):
+        harmony.render_prompt([{"role": "user", "content": "x"}, both])
 
 
 def test_training_render_ends_with_return_and_keeps_current_analysis():

@@ -45,6 +45,9 @@ FORCED = {
     "description is no description; a one-element type list is its element); of the parameters only "
     "type, required, properties and items; inside items the JSON is kept whole",
     "no-parameters": "Ollama cannot tell `parameters: {}` from no parameters: both render `() => any`",
+    "content-and-thinking-beside-calls": "text beside a tool call is the analysis before it; given both "
+    "content and thinking the Harmony core refuses the message (as OpenAI's template does), a template "
+    "cannot refuse: it keeps the thinking and drops the content, and so does the reference",
 }
 
 DATE = "2025-08-05"
@@ -232,11 +235,20 @@ CASES = [
         ],
     },
     {
-        "name": "final-then-tool-call-same-turn",
+        "name": "content-and-thinking-beside-a-tool-call",
         "tools": [WEATHER],
         "messages": [
             user("Weather in Lima?"),
             assistant("Let me check.", thinking="Check it.", calls=[call("get_weather", {"city": "Lima"})]),
+            tool("fog", name="get_weather"),
+        ],
+    },
+    {
+        "name": "content-beside-a-tool-call-is-its-analysis",
+        "tools": [WEATHER],
+        "messages": [
+            user("Weather in Lima?"),
+            assistant("Let me check.", calls=[call("get_weather", {"city": "Lima"})]),
             tool("fog", name="get_weather"),
         ],
     },
@@ -401,6 +413,8 @@ def reference(case: dict, *, system: str | None = None) -> str:
             msg = {"role": "assistant", "content": m.get("content", "")}
             if m.get("thinking"):
                 msg["thinking"] = m["thinking"]
+                if m.get("tool_calls"):  # FORCED["content-and-thinking-beside-calls"]
+                    msg["content"] = ""
             if m.get("tool_calls"):
                 msg["tool_calls"] = [
                     {"id": c.get("id"), "function": {"name": c["function"]["name"], "arguments": go_json(c["function"].get("arguments") or {})}}
