@@ -107,6 +107,14 @@ def test_unknown_fixture_lists_known_ones(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("layers, message", [("0", "--layers must be a positive integer, got 0"),
+                                             ("25", "--layers must be between 1 and 24 (gpt-oss-20b has 24), got 25")])
+def test_geometry_layers_out_of_range(tmp_path, layers, message):
+    proc = run_cli("fixture", "geometry-20b", "--layers", layers, "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2 and proc.stderr.strip() == f"gptoss: error: {message}"
+    assert _leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("problem", ["corrupt", "wrong-content", "missing"])
 def test_bad_vocabulary_fails_clearly_and_leaves_nothing(tmp_path, problem):
     bad = tmp_path / "vocab" / "o200k_base.tiktoken.gz"
