@@ -326,8 +326,9 @@ def test_hub_id_base_uses_the_hub_cache(base, run, tmp_path, monkeypatch):
         (snap / f.name).symlink_to(Path("../../blobs") / digest)
     calls = []
 
-    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False):
         calls.append((repo_id, revision))
+        assert local_files_only is huggingface_hub.constants.HF_HUB_OFFLINE  # offline: the cache only
         if repo_id != "openai/gpt-oss-tiny":
             raise huggingface_hub.errors.RepositoryNotFoundError("404 Client Error: Repository Not Found")
         return str(snap)
