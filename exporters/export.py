@@ -371,6 +371,7 @@ def _print_report(manifest: dict, stream) -> None:
         f = a.get("fidelity") or {}
         fid_txt = ("fidelity n/a" if not f or f.get("nmse") is None else
                    f"vs {f['reference']}: NMSE {f['nmse']:.2e}, KL {f['mean_kl']:.2e}, top-1 {f['top1_agreement']:.1%}"
+                   f" ({f.get('top1_agreement_decisive', f['top1_agreement']):.1%} of {f.get('decisive_positions', '?')} decisive)"
                    f" [{'ok' if f['passed'] else 'FAILED'}]")
         types = ", ".join(f"{k} {v}" for k, v in a["tensor_types"].items())
         print(f"  {a['path']}: {records.human(a['size'])}; types {types}; fallbacks {a['fallbacks']}; "

@@ -186,6 +186,7 @@ def build_export(root: Path, name: str = RUN) -> Path:
             "off_nominal_weight_types": {"output.weight": "Q6_K"}, "chat_template": True,
             "fidelity": {"reference": reference, "nmse": nmse, "mean_kl": kl, "top1_agreement": top1,
                          "max_abs_diff": 0.5, "positions": 300, "median_position_nmse": nmse / 2,
+                         "top1_agreement_decisive": top1, "decisive_positions": 290,
                          "thresholds": {"max_nmse": 0.15, "max_kl": 0.05, "min_top1": 0.0}, "passed": True,
                          "prompts_sha256": prompts_sha256},
             "tool": "convert_hf_to_gguf.py" if quant == "F16" else "llama-quantize", "elapsed_s": 12.5,

@@ -70,6 +70,21 @@ def test_f16_reference_computes_rope_as_llama_cpp(exported):
     assert note in _artifact(exported["manifest"], "f16")["fidelity"]["reference"]
 
 
+def test_top1_gate_ignores_near_ties_of_the_reference():
+    """A swap of two tokens the reference scores within TIE_MARGIN is not a disagreement the gate
+    counts; a swap at a clear lead is. Both still lower the all-positions figure."""
+    from exporters import fidelity as fid
+
+    ref = [np.array([[2.0, 1.995, 0.0], [3.0, 1.0, 0.0], [1.0, 2.5, 0.0]])]
+    tie_swapped = [np.array([[1.995, 2.0, 0.0], [3.0, 1.0, 0.0], [1.0, 2.5, 0.0]])]
+    f = fid.compare(ref, tie_swapped)
+    assert (f.top1_agreement, f.decisive_positions, f.top1_agreement_decisive) == (2 / 3, 2, 1.0)
+    assert f.passes(1.0, 1.0, 1.0)
+    clear_swapped = [np.array([[2.0, 1.995, 0.0], [1.0, 3.0, 0.0], [1.0, 2.5, 0.0]])]
+    g = fid.compare(ref, clear_swapped)
+    assert g.top1_agreement_decisive == 0.5 and not g.passes(1.0, 1.0, 1.0)
+
+
 def test_header_reader_matches_gguf_reader(exported):
     """exporters.gguf.inspect (fast, header only) agrees with the vendored gguf-py's GGUFReader."""
     gguf = gg.gguf_module()
