@@ -65,10 +65,10 @@ def check_flags(name: str, fn: Callable, args: list[str]) -> list[str]:
             if eq and value.lower() not in TRUE + FALSE:
                 problems.append(f"--{key}={value}: say true or false")
             out.append(f"--{flag}={not eq or value.lower() in TRUE}")
-        elif not eq and (negated := flag[3:] if flag.startswith("no-") else flag[2:] if flag.startswith("no") else "") in booleans:
-            out.append(f"--{negated}=False")
         elif flag in known:
             out.append(arg)
+        elif not eq and (negated := flag[3:] if flag.startswith("no-") else flag[2:] if flag.startswith("no") else "") in booleans:
+            out.append(f"--{negated}=False")
         else:
             close = difflib.get_close_matches(flag, sorted(known), n=1)
             problems.append(f"unknown flag --{key}" + (f" (did you mean --{close[0]}?)" if close else ""))
