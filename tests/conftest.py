@@ -116,6 +116,23 @@ def base_image(docker_engine) -> BaseImage:
     return BaseImage(name=build_base_image(), ca_bundle=host_ca_bundle())
 
 
+def hub_cache_holding(model_dir: Path, repo_id: str, hub_cache: Path, commit: str) -> Path:
+    """``hub_cache`` (HF_HUB_CACHE, i.e. HF_HOME/hub) holding ``model_dir`` as ``repo_id`` at main,
+    laid out as huggingface_hub writes it: blobs named by their sha256, snapshots/<commit>/ linking
+    to them, refs/main. Returns the snapshot folder."""
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    snap, blobs = repo / "snapshots" / commit, repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in model_dir.iterdir():
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, blobs / digest)
+        (snap / f.name).symlink_to(Path("../../blobs") / digest)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snap
+
+
 def compose_config(env: dict | None = None) -> dict:
     """compose.yaml as `docker compose config` resolves it (every profile), with only ``env`` set."""
     if shutil.which("docker") is None or subprocess.run(["docker", "compose", "version"], capture_output=True).returncode:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, compose_config, docker_build
+from conftest import REPO, compose_config, docker_build, hub_cache_holding
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -74,17 +74,6 @@ def images(base_image, wheelhouse) -> dict[str, str]:
 HUB_ID = "gptoss-fixtures/tiny"  # the tiny fixture, found only in a Hugging Face cache folder
 
 
-def hf_cache_holding(model_dir: Path, repo_id: str, hf_home: Path) -> str:
-    """An HF_HOME whose hub cache holds ``model_dir`` as ``repo_id`` at main, laid out as
-    huggingface_hub writes it (refs/main -> snapshots/<commit>/); returns the commit."""
-    commit = uuid.uuid5(uuid.NAMESPACE_URL, repo_id).hex + "00000000"  # 40 hex digits, like a git sha
-    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(model_dir, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    return commit
-
-
 @pytest.fixture(scope="session")
 def training_run(tiny_model, tmp_path_factory) -> Path:
     """A real tiny training run (3 steps) through the CLI, offline, on a base that is a Hub id found
@@ -92,7 +81,8 @@ def training_run(tiny_model, tmp_path_factory) -> Path:
     import sys
 
     work = tmp_path_factory.mktemp("container-work")
-    commit = hf_cache_holding(tiny_model, HUB_ID, work / "hf-cache")
+    commit = uuid.uuid5(uuid.NAMESPACE_URL, HUB_ID).hex + "00000000"  # 40 hex digits, like a git sha
+    hub_cache_holding(tiny_model, HUB_ID, work / "hf-cache" / "hub", commit)
     env = {**os.environ, "HF_HOME": str(work / "hf-cache"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "gptoss", "train", "--profile", "quick_test", "--model", HUB_ID,
                            "--dataset", str(REPO / "tests" / "data" / "train_tiny.jsonl"), "--output-dir", str(work / "models"),

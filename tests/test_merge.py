@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import export_support as sup
+from conftest import hub_cache_holding
 from exporters import records
 from exporters.errors import AdapterMismatchError, DiskSpaceError, FourBitMergeError, MissingFilesError
 from exporters.merge import MERGE_RECORD, merge, merge_checkpoint
@@ -316,14 +317,7 @@ def test_hub_id_base_uses_the_hub_cache(base, run, tmp_path, monkeypatch):
     from exporters.runs import MergeInputs
 
     commit = "0123456789abcdef0123456789abcdef01234567"
-    snap = tmp_path / "hub/models--openai--gpt-oss-tiny/snapshots" / commit
-    blobs = tmp_path / "hub/models--openai--gpt-oss-tiny/blobs"
-    snap.mkdir(parents=True)
-    blobs.mkdir(parents=True)
-    for f in base.iterdir():
-        digest = records.sha256_file(f)
-        shutil.copyfile(f, blobs / digest)
-        (snap / f.name).symlink_to(Path("../../blobs") / digest)
+    snap = hub_cache_holding(base, "openai/gpt-oss-tiny", tmp_path / "hub", commit)
     calls = []
 
     def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False):
