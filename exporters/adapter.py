@@ -11,6 +11,10 @@ The delta math is PEFT's (peft/tuners/lora/layer.py):
   The orientation assumes transformers' ``is_transposed`` GptOssExperts (checked in 5.17 and 5.23);
   with an experts class lacking it PEFT would swap in/out: gate_up would then not fit (an error
   here), but down_proj (in = out = 2880 on gpt-oss-20b) could not be told apart by shape.
+- ``target_modules`` on Unsloth's split experts (``experts.gate_up_projs.<i>``, ``experts.down_projs.<i>``,
+  one ``nn.Linear`` (out, in) per expert; gptoss/layouts.py): each pair is a Linear delta ``B @ A * scaling``
+  that folds into expert ``i`` of the fused parameter, transposed: ``W[i] (in, out) += (B @ A * scaling)^T``
+  (as unsloth_zoo's saving_utils merges them); ``router.linear`` folds into ``router.weight``.
 - ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), per-key ``rank_pattern``/``alpha_pattern``.
 """
 
@@ -23,6 +27,7 @@ import re
 from pathlib import Path
 
 from exporters.errors import AdapterMismatchError, MissingFilesError, UnsupportedAdapterError
+from gptoss import layouts
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -65,9 +70,10 @@ class Delta:
 
     target: str  # base tensor name
     pair: LoraPair
-    kind: str  # "linear" (2-D) or "experts" (3-D)
+    kind: str  # "linear" (2-D), "experts" (3-D, all experts) or "expert" (one split expert's Linear)
     rank: int
     scaling: float
+    expert: int | None = None  # kind "expert": which expert of the fused target
 
 
 def _listed(items: list[str]) -> str:
@@ -197,9 +203,17 @@ class LoraAdapter:
                     kind = "experts" if len(base_shapes[name]) == 3 else "linear"
                     plan.setdefault(name, []).append(Delta(name, pair, kind, rank, scaling))
                 continue
+            split = layouts.fused_name(module)
+            if split and split[0] in base_shapes and module + ".weight" not in base_shapes:
+                self._plan_split_expert(module, pairs, split, base_shapes, plan, problems)
+                continue
             target = module + ".weight"
+            if target not in base_shapes and module.endswith(".router.linear"):
+                target = module[: -len(".linear")] + ".weight"  # Unsloth's router.linear is router.weight
             if target not in base_shapes:
-                problems.append(f"the base has no {target} (adapter targets {module})")
+                keys = ", ".join(k for p in pairs for k in (p.a_key, p.b_key))
+                problems.append(f"{keys}: the base has no {target} (adapter targets {module}, a module of a layout "
+                                "merge does not know; it reads transformers' fused layout and Unsloth's split experts)")
                 continue
             for pair in pairs:
                 rank, scaling = self.rank_and_scaling(module)
@@ -226,6 +240,22 @@ class LoraAdapter:
                 + _listed(problems)
             )
         return plan
+
+    def _plan_split_expert(self, module: str, pairs: list[LoraPair], split: tuple[str, int],
+                           base_shapes: dict, plan: dict, problems: list[str]) -> None:
+        """One split expert's Linear LoRA -> a delta on expert ``i`` of the fused parameter (E, in, out)."""
+        target, expert = split
+        experts, n_in, n_out = base_shapes[target]
+        rank, scaling = self.rank_and_scaling(module)
+        for pair in pairs:
+            if expert >= experts:
+                problems.append(f"{pair.a_key}: expert {expert} but the base's {target} has {experts} experts")
+            elif pair.depth or not self._fits(pair, (n_out, n_in), rank):
+                problems.append(f"{module} lora A {list(pair.a_shape)}, B {list(pair.b_shape)} do not fit expert "
+                                f"{expert} of the base's {target} {list(base_shapes[target])} as a Linear "
+                                f"({n_out}, {n_in}) (r={rank})")
+            else:
+                plan.setdefault(target, []).append(Delta(target, pair, "expert", rank, scaling, expert))
 
     @staticmethod
     def _fits(pair: LoraPair, shape: tuple[int, ...], rank: int) -> bool:
@@ -256,6 +286,8 @@ class LoraAdapter:
         a, b = weights[d.pair.a_key], weights[d.pair.b_key]
         if d.kind == "linear":
             return (b @ a) * d.scaling
+        if d.kind == "expert":  # a Linear (out, in) delta, in the fused (in, out) orientation
+            return ((b @ a) * d.scaling).T
         experts = a.shape[0] // d.rank
         a3 = a.reshape(experts, d.rank, a.shape[-1])  # (E, r, in)
         b3 = b.reshape(b.shape[0], d.rank, experts)  # (out, r, E)

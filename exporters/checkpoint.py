@@ -1,9 +1,11 @@
 """Lazy, tensor-by-tensor reading of a base checkpoint, dequantized to plain floating point.
 
 A base may be bf16/fp16/fp32 safetensors, OpenAI's MXFP4 release (experts as ``_blocks``/``_scales``)
-or a bitsandbytes 4-bit save (``weight`` + ``weight.absmax``/``quant_map``/``quant_state.*``).
-Either way the merge sees *logical* tensors: HF parameter names and shapes, read one at a time with
-``safe_open`` so peak memory stays near the largest tensor.
+or a bitsandbytes 4-bit save (``weight`` + ``weight.absmax``/``quant_map``/``quant_state.*``), in
+transformers' fused layout or Unsloth's split one (per-expert Linears, ``router.linear``; see
+gptoss/layouts.py). Either way the merge sees *logical* tensors of the fused layout: transformers'
+parameter names and shapes (split experts stacked and transposed back, the router renamed), read
+one at a time with ``safe_open`` so peak memory stays near the largest tensor.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from exporters.errors import ExportStageError, MissingFilesError
+from gptoss import layouts
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -37,6 +40,9 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype of the stored tensor ("BF16", ...); "MXFP4" / "BNB4" when quantized
     parts: dict[str, str]  # stored key -> shard file name
+    source: str | None = None  # the stored key when it differs from ``name`` (a renamed tensor)
+    # split layout: the per-expert tensors stacked (weights transposed) into this fused one
+    members: tuple["TensorSpec", ...] = ()
 
     @property
     def quantized(self) -> bool:
@@ -165,15 +171,57 @@ class BaseCheckpoint:
         for key, (shard, shape, dtype) in raw.items():
             if key not in consumed:
                 self.tensors[key] = TensorSpec(key, shape, dtype, {key: shard})
+        self.layout = layouts.SPLIT if any(layouts.SPLIT_EXPERT_TENSOR.match(n) for n in self.tensors) else layouts.FUSED
+        if self.layout == layouts.SPLIT:
+            self._fuse_split()
+
+    def _fuse_split(self) -> None:
+        """Present Unsloth's per-expert tensors and ``router.linear`` under transformers' fused names."""
+        groups: dict[tuple[str, str], dict[int, TensorSpec]] = {}
+        for name in list(self.tensors):
+            m = layouts.SPLIT_EXPERT_TENSOR.match(name)
+            if m:
+                fused = f"{m['experts']}.{layouts.SPLIT_LISTS[m['list']]}"
+                target = fused if m["leaf"] == "weight" else fused + "_bias"
+                groups.setdefault((target, m["leaf"]), {})[int(m["index"])] = self.tensors.pop(name)
+            elif r := layouts.ROUTER_LINEAR.match(name):
+                spec = self.tensors.pop(name)
+                new = f"{r['router']}.{r['leaf']}"
+                self.tensors[new] = dataclasses.replace(spec, name=new, source=name)
+        experts = self.config.get("num_local_experts")
+        for (target, leaf), members in sorted(groups.items()):
+            count = experts or max(members) + 1
+            missing = [i for i in range(count) if i not in members]
+            if missing or max(members) >= count:
+                listed = ", ".join(layouts.split_tensor_name(target.removesuffix("_bias"), i, leaf) for i in missing[:4])
+                raise MissingFilesError(
+                    f"{self.path}: split experts of {target} are incomplete (config num_local_experts={experts}; "
+                    f"found {sorted(members)[:8]}...; missing {listed or 'none'}); the checkpoint is damaged or partial"
+                )
+            first = members[0]
+            shapes = {m.shape for m in members.values()}
+            if len(shapes) != 1:
+                raise ExportStageError(f"{self.path}: experts of {target} differ in shape ({sorted(shapes)})")
+            shape = (count, first.shape[1], first.shape[0]) if leaf == "weight" else (count, *first.shape)
+            ordered = tuple(members[i] for i in range(count))
+            parts = {k: v for m in ordered for k, v in m.parts.items()}
+            self.tensors[target] = TensorSpec(target, shape, first.dtype, parts, members=ordered)
 
     # -- reading -----------------------------------------------------------------------------
     def load(self, name: str):
         """The logical tensor, dequantized (MXFP4/4-bit -> bf16); other tensors as stored."""
+        return self._load_spec(self.tensors[name])
+
+    def _load_spec(self, spec: TensorSpec):
         import torch
 
-        spec = self.tensors[name]
+        name = spec.name
+        if spec.members:  # split experts: Linear weights (out, in) -> fused (E, in, out); biases stacked
+            return torch.stack([t.T if t.dim() == 2 else t for t in map(self._load_spec, spec.members)])
+        if spec.source:
+            return self.handle(spec.shard).get_tensor(spec.source)
         if spec.dtype == "MXFP4":
-            from exporters import mxfp4
+            from gptoss import mxfp4
 
             blocks = self.handle(spec.parts[name + "_blocks"]).get_tensor(name + "_blocks")
             scales = self.handle(spec.parts[name + "_scales"]).get_tensor(name + "_scales")

@@ -67,7 +67,7 @@ def write_mxfp4_copy(src: str | Path, dst: str | Path) -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from exporters import mxfp4
+    from gptoss import mxfp4
 
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,9 @@ from exporters import records
 from exporters.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter
 from exporters.checkpoint import TOKENIZER_FILES, BaseCheckpoint, resolve_model_dir
 from exporters.errors import AdapterMismatchError, DiskSpaceError, ExportStageError, FourBitMergeError
-from exporters.runs import MERGED_DIR, MergeInputs, export_root, resolve_inputs
+from exporters.runs import MERGED_DIR, MergeInputs, MergeInto, export_root, resolve_inputs
 from exporters.safetensors_stream import Entry, ShardWriter, plan_shards, torch_dtype
+from gptoss import layouts
 
 MERGE_RECORD = "merge_info.json"
 RECORD_FORMAT = 1
@@ -171,6 +172,43 @@ class MergePlan:
         return records.identity(self.inputs_record)
 
 
+def _merge_base(inputs: MergeInputs, base: BaseCheckpoint, base_dir: Path, revision: str | None):
+    """What the adapter is folded into: (checkpoint, its id, folder, revision, "base" | "original" | "dequantized").
+
+    A bitsandbytes 4-bit base is replaced by its 16-bit original (``--merge-base``, what training
+    recorded, or the known original of a Hub id) unless ``--merge-into dequantized`` was asked.
+    """
+    if base.quant != "bnb-4bit" or inputs.merge_into == "dequantized":
+        if inputs.merge_into == "dequantized" and base.quant != "bnb-4bit":
+            print(f"merge: --merge-into dequantized has no effect: {inputs.base} is not a 4-bit checkpoint "
+                  f"({base.quant}); merging into it", file=sys.stderr)
+        return base, inputs.base, base_dir, revision, ("dequantized" if base.quant == "bnb-4bit" else "base")
+    original = inputs.merge_base or layouts.sixteen_bit_original(inputs.base, base_dir)
+    if not original:
+        raise ExportStageError(
+            f"{inputs.base} is a bitsandbytes 4-bit checkpoint and its 16-bit original is unknown: pass "
+            "--merge-base ID_OR_DIR (the bf16 checkpoint it was quantized from, e.g. unsloth/gpt-oss-20b-BF16), "
+            "or --merge-into dequantized to merge into the 4-bit weights dequantized"
+        )
+    original_dir, original_rev = resolve_model_dir(original, what="--merge-base")
+    sixteen = BaseCheckpoint(original_dir)
+    if sixteen.quant == "bnb-4bit":
+        raise ExportStageError(f"--merge-base {original} is itself a bitsandbytes 4-bit checkpoint; "
+                               "pass the 16-bit original (bf16 or MXFP4 release)")
+    theirs = {n: s.shape for n, s in base.tensors.items()}
+    ours = {n: s.shape for n, s in sixteen.tensors.items()}
+    if theirs != ours:
+        diff = sorted(set(theirs) ^ set(ours)) or sorted(n for n in theirs if theirs[n] != ours[n])
+        raise ExportStageError(
+            f"--merge-base {original} is not the 16-bit original of {inputs.base}: their tensors differ "
+            f"({', '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}); pass the checkpoint it was quantized from"
+        )
+    base.close()
+    print(f"merge: {inputs.base} is 4-bit; merging into its 16-bit original {original} "
+          "(--merge-into dequantized merges into the 4-bit weights instead)", file=sys.stderr)
+    return sixteen, original, original_dir, original_rev, "original"
+
+
 def prepare_merge(inputs: MergeInputs, out: Path, *, dtype: str = "bfloat16",
                   max_shard_size: str | int = "5GB") -> MergePlan:
     """Validate the adapter against the base and plan the output; raises before anything is written."""
@@ -179,14 +217,20 @@ def prepare_merge(inputs: MergeInputs, out: Path, *, dtype: str = "bfloat16",
     adapter = LoraAdapter(inputs.adapter_dir)
     base_dir, revision = resolve_model_dir(inputs.base, revision=inputs.base_revision)
     base = BaseCheckpoint(base_dir)
+    trained_on = {"id": inputs.base, "revision": revision or inputs.base_revision, "layout": base.layout,
+                  "quantization": base.quant}
+    base, base_id, base_dir, revision, merge_into = _merge_base(inputs, base, base_dir, revision)
     check_vocab(adapter, base)
     deltas = adapter.plan({n: s.shape for n, s in base.tensors.items()})
     out = Path(out).absolute()
     old = records.read_json(out / MERGE_RECORD) if out.is_dir() else None
     digests = _source_digests(base, adapter, old.get("inputs") if old else None)
     inputs_record = {
-        "base": {"id": inputs.base, "path": str(base_dir), "revision": revision or inputs.base_revision,
-                 "quantization": base.quant, **digests["base"]},
+        "base": {"id": base_id, "path": str(base_dir),
+                 "revision": revision if merge_into == "original" else revision or inputs.base_revision,
+                 "quantization": base.quant, "layout": base.layout, **digests["base"]},
+        "merge_into": merge_into,
+        "trained_on": trained_on,
         "adapter": {"path": str(adapter.path), **digests["adapter"]},
         "dtype": out_dtype,
         "max_shard_bytes": shard_bytes,
@@ -206,7 +250,7 @@ def run_merge(mp: MergePlan, *, progress: bool = True, command: str | None = Non
               check_disk: bool = True) -> MergeResult:
     """Write the merge planned in ``mp`` (under a temporary name; renamed when complete)."""
     import torch
-    from tqdm.auto import tqdm
+    from gptoss.progress import Stage
 
     out, base, adapter, plan = mp.out, mp.base, mp.adapter, mp.deltas
     shards = plan_shards(mp.entries, mp.shard_bytes)
@@ -226,7 +270,7 @@ def run_merge(mp: MergePlan, *, progress: bool = True, command: str | None = Non
         names = (["model.safetensors"] if len(shards) == 1 else
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         weight_map = {}
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not progress, file=sys.stderr)
+        bar = Stage("merge", total=total, bytes_=True, enabled=progress)  # a bar on a terminal, else one line
         current_source = None
         for fname, shard in zip(names, shards):
             writer = ShardWriter(tmp / fname, shard, metadata={"format": "pt"})
@@ -240,13 +284,16 @@ def run_merge(mp: MergePlan, *, progress: bool = True, command: str | None = Non
                     if e.name in adapter.replacements:
                         t = weights[adapter.replacements[e.name][0]]
                     deltas = plan.get(e.name, [])
-                    if any(d.kind == "experts" for d in deltas):
+                    if any(d.kind in ("experts", "expert") for d in deltas):
                         # one expert at a time: float32 temporaries of 1/E of the tensor
                         merged_t = torch.empty(e.shape, dtype=out_torch)
                         for x in range(e.shape[0]):
                             w = t[x].to(torch.float32)
                             for d in deltas:
-                                w += LoraAdapter.delta(d, weights, expert=x)
+                                if d.kind == "experts":
+                                    w += LoraAdapter.delta(d, weights, expert=x)
+                                elif d.expert == x:
+                                    w += LoraAdapter.delta(d, weights)
                             merged_t[x] = w.to(out_torch)
                         t = merged_t
                     elif deltas:
@@ -282,6 +329,7 @@ def run_merge(mp: MergePlan, *, progress: bool = True, command: str | None = Non
             "inputs": mp.inputs_record,
             "identity": mp.identity,
             "run": mp.inputs.name,
+            "merge_into": mp.inputs_record["merge_into"],
             "adapter_base_model": adapter.base_model,
             "lora": {"r": adapter.config.get("r"), "lora_alpha": adapter.config.get("lora_alpha"),
                      "target_modules": adapter.config.get("target_modules"),
@@ -320,23 +368,28 @@ def merge_checkpoint(inputs: MergeInputs, out: Path, *, dtype: str = "bfloat16",
 
 def merge(run: str | None = None, *, base: str | None = None, adapter: str | None = None, out: str | None = None,
           dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16", max_shard_size: str = "5GB", exports_dir: str | None = None,
-          force: bool = False) -> str:
+          merge_into: MergeInto = "original", merge_base: str | None = None, force: bool = False) -> str:
     """Merge a LoRA adapter into its base: sharded 16-bit safetensors + tokenizer + chat template.
 
     Args:
         run: training run folder (models/<run>/ with adapter/ and training_info.json).
-        base: instead of --run: the base model, a Hugging Face id or a local folder (bf16, MXFP4 or bnb 4-bit).
+        base: instead of --run: the base model, a Hugging Face id or a local folder (bf16, MXFP4 or bnb 4-bit;
+            transformers' fused layout or Unsloth's split one). The output is always the fused layout.
         adapter: instead of --run: the PEFT LoRA adapter folder.
         out: output folder (default exports/<run>/merged).
         dtype: bfloat16 (default), float16 or float32; 4-bit is refused (merge into 16-bit, then quantize).
         max_shard_size: largest output shard, e.g. 5GB.
         exports_dir: root of the exports tree (default ./exports).
+        merge_into: for an adapter trained on a bitsandbytes 4-bit base: original (its 16-bit original, the
+            default) or dequantized (the 4-bit base dequantized). Recorded in merge_info.json.
+        merge_base: the 16-bit original to merge into (default: what training recorded, or the known
+            original of the Hub id, e.g. unsloth/gpt-oss-20b-BF16 for unsloth/gpt-oss-20b-unsloth-bnb-4bit).
         force: merge again even if the output's record shows the same inputs.
     Returns:
         The merged folder.
     """
     check_dtype(dtype)
-    inputs = resolve_inputs(run, base, adapter)
+    inputs = resolve_inputs(run, base, adapter, merge_into=merge_into, merge_base=merge_base)
     target = Path(out) if out else export_root(inputs.name, exports_dir) / MERGED_DIR
     result = merge_checkpoint(inputs, target, dtype=dtype, max_shard_size=max_shard_size, force=force,
                               command=" ".join(["gptoss", "merge", *sys.argv[2:]]) if sys.argv[1:2] == ["merge"] else None)

@@ -1,8 +1,8 @@
 """Where merge and export find their inputs and put their outputs.
 
 A training run folder ``models/<run>/`` holds ``adapter/`` (a PEFT save) and ``training_info.json``
-(``base_model``: Hugging Face id or local path, ``base_model_revision``). Outputs go to
-``exports/<run>/merged/`` and ``exports/<run>/gguf/``.
+(``base_model``: Hugging Face id or local path, ``base_model_revision``; for a 4-bit base also
+``merge_base``, its 16-bit original). Outputs go to ``exports/<run>/merged/`` and ``exports/<run>/gguf/``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Literal
 
 from exporters.errors import ExportStageError, MissingFilesError
 
@@ -18,6 +19,10 @@ ADAPTER_DIR = "adapter"
 EXPORTS_ROOT = "exports"
 MERGED_DIR = "merged"
 GGUF_DIR = "gguf"
+# What a LoRA trained on a 4-bit base is merged into: its 16-bit original (default) or the 4-bit base
+# dequantized (the weights the adapter was trained against, rounding included).
+MergeInto = Literal["original", "dequantized"]
+MERGE_INTO = ("original", "dequantized")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,9 +33,11 @@ class MergeInputs:
     adapter_dir: Path
     run_dir: Path | None = None
     training_info: dict | None = None
+    merge_into: str = "original"  # for a 4-bit base: "original" (its 16-bit original) or "dequantized"
+    merge_base: str | None = None  # the 16-bit original (--merge-base, or what training recorded)
 
 
-def resolve_run(run: str) -> MergeInputs:
+def resolve_run(run: str, *, merge_into: str = "original", merge_base: str | None = None) -> MergeInputs:
     """``--run DIR`` (or a name under ./models/) -> adapter, base and run name."""
     path = Path(run).expanduser()
     if not path.is_dir() and not path.is_absolute() and (Path("models") / run).is_dir():
@@ -53,20 +60,29 @@ def resolve_run(run: str) -> MergeInputs:
     if not Path(base).is_absolute() and (real / base).is_dir():
         base = str((real / base).resolve())
     revision = info.get("base_model_revision")  # what `gptoss train` resolved and trained on
+    recorded = info.get("merge_base")
+    if merge_base is None and isinstance(recorded, str) and recorded:
+        merge_base = str((real / recorded).resolve()) if not Path(recorded).is_absolute() and (real / recorded).is_dir() else recorded
     return MergeInputs(name=real.name, base=base, base_revision=revision if isinstance(revision, str) else None,
-                       adapter_dir=real / ADAPTER_DIR, run_dir=real, training_info=info)
+                       adapter_dir=real / ADAPTER_DIR, run_dir=real, training_info=info, merge_into=merge_into,
+                       merge_base=merge_base)
 
 
-def resolve_inputs(run: str | None, base: str | None, adapter: str | None) -> MergeInputs:
+def resolve_inputs(run: str | None, base: str | None, adapter: str | None, *, merge_into: str = "original",
+                   merge_base: str | None = None) -> MergeInputs:
+    if merge_into not in MERGE_INTO:
+        raise ExportStageError(f"--merge-into {merge_into!r}: choose original (the 16-bit original of a 4-bit base, "
+                               "the default) or dequantized (the 4-bit base itself, dequantized)")
     if run is not None and (base is not None or adapter is not None):
         raise ExportStageError("pass either --run DIR or --base ID_OR_DIR --adapter DIR, not both")
     if run is not None:
-        return resolve_run(run)
+        return resolve_run(run, merge_into=merge_into, merge_base=merge_base)
     if base is None or adapter is None:
         raise ExportStageError("say what to merge: --run models/<run> or --base ID_OR_DIR --adapter DIR")
     adapter_dir = Path(adapter).expanduser().absolute()
     name = adapter_dir.parent.name if adapter_dir.name == ADAPTER_DIR else adapter_dir.name
-    return MergeInputs(name=name, base=base, base_revision=None, adapter_dir=adapter_dir)
+    return MergeInputs(name=name, base=base, base_revision=None, adapter_dir=adapter_dir, merge_into=merge_into,
+                       merge_base=merge_base)
 
 
 def export_root(name: str, exports_dir: str | None = None) -> Path:

@@ -2,6 +2,11 @@
 
 ``tiny`` runs on a CPU in seconds (the test and demo model); ``geometry-20b`` has gpt-oss-20b's
 real widths with fewer layers, for GPU benchmarks of later stages.
+
+Besides the bf16 original (transformers' fused layout), ``--layouts`` writes the same weights in the
+layouts users start from (gptoss/layouts.py): ``mxfp4`` (OpenAI's release: experts as MXFP4) and
+``unsloth-bnb-4bit`` (Unsloth's split per-expert NF4 Linears, ``router.linear``), each in
+``<out>-<layout>`` with a ``fixture.json`` naming its 16-bit original.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from gptoss.errors import ToolchainError
 from typing import Callable
 
 from gptoss import harmony, vocab
+from gptoss import layouts as ckpt_layouts
+from gptoss.errors import ToolchainError
 
 FIXTURE_RECORD = "fixture.json"
 
@@ -175,15 +181,166 @@ def _normal_permissions(root: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def fixture(name: str, *, out: str, layers: int | None = None, seed: int = 0, force: bool = False) -> str:
-    """Write a seeded random gpt-oss checkpoint with the real tokenizer.
+# ---------------------------------------------------------------------------------------------
+# The same weights in other layouts
+
+def _side_files(src: Path, dst: Path) -> None:
+    for p in src.iterdir():
+        if p.is_file() and not p.name.endswith(".safetensors") and p.name != "model.safetensors.index.json":
+            shutil.copyfile(p, dst / p.name)
+
+
+def _fused_tensors(src: Path):
+    """(key, tensor) of a fused safetensors checkpoint, one tensor at a time, in key order."""
+    from safetensors import safe_open
+
+    for shard in sorted(src.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in sorted(f.keys()):
+                yield key, f.get_tensor(key)
+
+
+def _save_sharded(tensors, dst: Path, max_shard_bytes: int) -> None:
+    """Write ``{key: tensor}`` pairs into size-bounded shards (+ index when more than one)."""
+    from safetensors.torch import save_file
+
+    shards, current, size = [], {}, 0
+    for key, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = t.contiguous()
+        size += nbytes
+    shards.append(current)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map, total = {}, 0
+    for name, shard in zip(names, shards):
+        save_file(shard, str(dst / name), metadata={"format": "pt"})
+        for key, t in shard.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _mxfp4_tensors(src: Path):
+    from gptoss import mxfp4
+
+    for key, t in _fused_tensors(src):
+        if key.rsplit(".", 1)[-1] in ckpt_layouts.EXPERT_PARAMETERS:
+            blocks, scales = mxfp4.quantize(t)
+            yield key + "_blocks", blocks
+            yield key + "_scales", scales
+        else:
+            yield key, t
+
+
+MXFP4_CONFIG = {
+    "quant_method": "mxfp4",
+    "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+}
+# As transformers' BitsAndBytesConfig(load_in_4bit, nf4, double quant, bf16 compute).to_dict() writes it.
+BNB_4BIT_CONFIG = {
+    "_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": "bfloat16",
+    "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+    "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
+    "llm_int8_skip_modules": ["lm_head", "model.embed_tokens", "router"], "llm_int8_threshold": 6.0,
+    "load_in_4bit": True, "load_in_8bit": False, "quant_method": "bitsandbytes",
+}
+NF4_BLOCKSIZE = 64  # bitsandbytes' default for Linear4bit
+_NF4_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _nf4(key: str, weight):
+    """A Linear weight as bitsandbytes' Linear4bit saves it: packed NF4 + absmax/quant_map/nested/quant_state."""
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(weight.contiguous(), blocksize=NF4_BLOCKSIZE, compress_statistics=True,
+                                       quant_type="nf4", quant_storage=__import__("torch").uint8)
+    yield key, packed
+    for part, t in state.as_dict(packed=True).items():
+        yield f"{key}.{part}", t
+
+
+def _unsloth_bnb4_tensors(src: Path):
+    """The fused checkpoint in Unsloth's split bnb-4bit layout (gptoss/layouts.py)."""
+    for key, t in _fused_tensors(src):
+        module, _, leaf = key.rpartition(".")
+        if leaf in ckpt_layouts.EXPERT_PARAMETERS:  # (E, in, out) -> per expert Linear weight (out, in)
+            for i in range(t.shape[0]):
+                yield from _nf4(ckpt_layouts.split_tensor_name(key, i, "weight"), t[i].T.contiguous())
+        elif leaf.endswith("_bias") and leaf[: -len("_bias")] in ckpt_layouts.EXPERT_PARAMETERS:
+            for i in range(t.shape[0]):
+                yield ckpt_layouts.split_tensor_name(f"{module}.{leaf[: -len('_bias')]}", i, "bias"), t[i].clone()
+        elif module.endswith(".mlp.router"):
+            yield f"{module}.linear.{leaf}", t
+        elif leaf == "weight" and module.rsplit(".", 1)[-1] in _NF4_LINEARS:
+            yield from _nf4(key, t)
+        else:
+            yield key, t
+
+
+def write_layout(src: str | Path, dst: str | Path, layout: str, *, max_shard_size: str = "2GB") -> Path:
+    """Write the bf16 fused checkpoint ``src`` in ``layout`` (one of ckpt_layouts.FIXTURE_LAYOUTS) at ``dst``.
+
+    ``dst`` is written under a temporary name and renamed when complete; its fixture.json names
+    ``src`` (relative) as the 16-bit original.
+    """
+    if layout not in ckpt_layouts.FIXTURE_LAYOUTS:
+        raise FixtureError(f"unknown layout {layout!r}; known: {', '.join(ckpt_layouts.FIXTURE_LAYOUTS)}")
+    if layout == "unsloth-bnb-4bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise FixtureError("--layouts unsloth-bnb-4bit quantizes with bitsandbytes: pip install bitsandbytes") from e
+    src, dst = Path(src).absolute(), Path(dst).absolute()
+    tmp = _make_tmp(dst)
+    try:
+        limit = int(float(max_shard_size[:-2]) * 10**9) if max_shard_size.endswith("GB") else 2 * 10**9
+        tensors = _mxfp4_tensors(src) if layout == "mxfp4" else _unsloth_bnb4_tensors(src)
+        _save_sharded(tensors, tmp, limit)
+        _side_files(src, tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        config["quantization_config"] = dict(MXFP4_CONFIG if layout == "mxfp4" else BNB_4BIT_CONFIG)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        record = json.loads((src / FIXTURE_RECORD).read_text()) if (src / FIXTURE_RECORD).is_file() else {}
+        record.update(layout=layout, original=os.path.relpath(src, dst))
+        (tmp / FIXTURE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        _normal_permissions(tmp)
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            os.replace(dst, old / "x")
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def layout_dir(out: str | Path, layout: str) -> Path:
+    """Where `gptoss fixture --out OUT --layouts LAYOUT` puts that layout: ``OUT-LAYOUT`` beside OUT."""
+    out = Path(out)
+    return out.with_name(f"{out.name}-{layout}")
+
+
+def fixture(name: str, *, out: str, layers: int | None = None, seed: int = 0, layouts: str = "",
+            force: bool = False) -> str:
+    """Write a seeded random gpt-oss checkpoint with the real tokenizer (bf16, transformers' fused layout).
 
     Args:
         name: which fixture: "tiny" (CPU tests and the demo) or "geometry-20b" (real widths).
         out: directory to create; written under a temporary name and renamed when complete.
         layers: number of layers (tiny: default 2; geometry-20b: 1..24, default 2).
         seed: RNG seed; the same seed gives identical bytes.
-        force: replace a non-empty ``out``.
+        layouts: also write these layouts of the same weights, comma-separated: mxfp4 (OpenAI's release),
+            unsloth-bnb-4bit (Unsloth's split NF4 experts); each goes to OUT-LAYOUT beside OUT.
+        force: replace a non-empty ``out`` (and the layout folders).
     Returns:
         The path of the written checkpoint.
     """
@@ -194,10 +351,17 @@ def fixture(name: str, *, out: str, layers: int | None = None, seed: int = 0, fo
         raise FixtureError(f"--layers must be a positive integer, got {layers!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise FixtureError(f"--seed must be an integer, got {seed!r}")
+    wanted = [x.strip() for x in (layouts.split(",") if isinstance(layouts, str) else layouts) if x.strip()]
+    unknown = [x for x in wanted if x not in ckpt_layouts.FIXTURE_LAYOUTS]
+    if unknown:
+        raise FixtureError(f"--layouts {','.join(unknown)}: unknown; known: {', '.join(ckpt_layouts.FIXTURE_LAYOUTS)} "
+                           "(the bf16 original is always written at --out)")
     kind = FIXTURES[name]
     config_kwargs = kind.config(layers)
     out_path = Path(out).expanduser().absolute()
     _check_out(out_path, force)
+    for layout in wanted:
+        _check_out(layout_dir(out_path, layout), force)
     tmp = _make_tmp(out_path)
     try:
         _write_checkpoint(tmp, name, kind, config_kwargs, seed)
@@ -211,4 +375,6 @@ def fixture(name: str, *, out: str, layers: int | None = None, seed: int = 0, fo
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    for layout in wanted:
+        write_layout(out_path, layout_dir(out_path, layout), layout, max_shard_size=kind.max_shard_size)
     return str(out_path)

@@ -124,7 +124,7 @@ def test_rerun_skips_and_force_redoes(run, tmp_path, capsys):
 def test_mxfp4_dequant_matches_transformers(base, tmp_path):
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from exporters import mxfp4
+    from gptoss import mxfp4
     from safetensors import safe_open
 
     with safe_open(str(base / "model.safetensors"), framework="pt") as f:
@@ -156,7 +156,7 @@ def test_merge_from_mxfp4_base(base, run, ids, tmp_path):
 
 
 def test_merge_from_bnb4_base(base, run, ids, tmp_path):
-    """A bitsandbytes NF4 base merges into its dequantized weights (needs bitsandbytes)."""
+    """A bitsandbytes NF4 base merges into its dequantized weights when asked (needs bitsandbytes)."""
     bnbf = pytest.importorskip("bitsandbytes.functional")
     from transformers import AutoModelForCausalLM
     from peft import PeftModel
@@ -165,9 +165,10 @@ def test_merge_from_bnb4_base(base, run, ids, tmp_path):
     from exporters.runs import MergeInputs
 
     q = write_bnb4_copy(base, tmp_path / "bnb-base")
-    merged = merge_checkpoint(MergeInputs("bnb", str(q), None, run / "adapter"), tmp_path / "merged",
-                              dtype="float32", progress=False).merged_dir
-    assert json.loads((merged / MERGE_RECORD).read_text())["inputs"]["base"]["quantization"] == "bnb-4bit"
+    merged = merge_checkpoint(MergeInputs("bnb", str(q), None, run / "adapter", merge_into="dequantized"),
+                              tmp_path / "merged", dtype="float32", progress=False).merged_dir
+    record = json.loads((merged / MERGE_RECORD).read_text())
+    assert record["inputs"]["base"]["quantization"] == "bnb-4bit" and record["merge_into"] == "dequantized"
     # reference: bitsandbytes' own dequantization of each 4-bit weight, then PEFT on top, in float32
     qmodel = AutoModelForCausalLM.from_pretrained(str(q), device_map="cpu")
     ref = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)

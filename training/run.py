@@ -96,6 +96,9 @@ def environment_problems(values: dict[str, Any]) -> tuple[dict[str, Any], list[s
             problems.append(f"--model {model}: has no config.json; is it a transformers checkpoint? (gptoss fixture tiny --out DIR writes one)")
         else:
             resolved["model"] = str(path.absolute())
+            problem = _layout_problem(str(path.absolute()), backend)
+            if problem:
+                problems.append(problem)
 
     load_in_4bit = values.get("load_in_4bit")
     if load_in_4bit is None:
@@ -129,6 +132,18 @@ def environment_problems(values: dict[str, Any]) -> tuple[dict[str, Any], list[s
     if values.get("tensorboard", True) and importlib.util.find_spec("tensorboard") is None:
         problems.append("--tensorboard: the tensorboard package is not installed (pip install tensorboard) or pass --tensorboard false")
     return resolved, problems
+
+
+def _layout_problem(model_dir: str, backend: str) -> str | None:
+    """Unsloth's split bnb-4bit layout loads only through Unsloth (CUDA); say what to train on instead."""
+    from gptoss import layouts
+
+    if backend == "unsloth" or layouts.describe(model_dir)["layout"] != layouts.SPLIT:
+        return None
+    original = layouts.sixteen_bit_original(model_dir)
+    return (f"--model {model_dir}: Unsloth's split bnb-4bit layout (per-expert Linears) loads only with --backend unsloth "
+            f"on CUDA; with --backend {backend} train on its 16-bit original"
+            + (f" (--model {original})" if original else " (e.g. unsloth/gpt-oss-20b-BF16)"))
 
 
 def _resume_dir(resume: Any, output_dir: str) -> tuple[Path | None, list[str]]:
@@ -205,6 +220,29 @@ def _hub_commit(model: str, revision: str | None) -> str | None:
     cached = try_to_load_from_cache(model, "config.json", revision=revision)
     commit = Path(cached).parent.name if isinstance(cached, str) else None
     return commit if commit and len(commit) == 40 else revision
+
+
+def base_fields(model: str, revision: str | None) -> dict[str, Any]:
+    """What the run trained on, for training_info.json: the base, its revision, layout and
+    quantization (gptoss/layouts.py), and the 16-bit original a merge folds the adapter into
+    (``merge_base``; None when the base is itself 16-bit or MXFP4, which merges into itself)."""
+    from gptoss import layouts
+
+    local = Path(model).expanduser()
+    if not local.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json", revision=revision)
+        local = Path(cached).parent if isinstance(cached, str) else None
+    described = layouts.describe(local) if local is not None else {"layout": "unknown", "quantization": "unknown"}
+    four_bit = described["quantization"] == "bnb-4bit" or model in layouts.SIXTEEN_BIT_ORIGINALS
+    return {
+        "base_model": model,
+        "base_model_revision": revision,
+        "base_layout": described["layout"],
+        "base_quantization": described["quantization"],
+        "merge_base": layouts.sixteen_bit_original(model, local) if four_bit else None,
+    }
 
 
 def _new_run_dir(cfg: TrainConfig) -> Path:
@@ -393,8 +431,7 @@ def _train_and_finish(cfg, backend, tokenizer, data, data_record, run_dir: Path,
     info = {
         "format": 1,
         "run": name,
-        "base_model": cfg.model,
-        "base_model_revision": base_revision,
+        **base_fields(cfg.model, base_revision),
         "backend": cfg.backend,
         "device": cfg.device,
         "profile": cfg.profile,
