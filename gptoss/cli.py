@@ -37,6 +37,7 @@ COMMANDS = {
     "serve": "serving:serve",
     "pipeline": "gptoss.pipeline:pipeline",
     "cache": "hfcache:cache",
+    "build": "gptoss.llamacpp:build",
 }
 
 # One example per command, shown in its help and in the error for a missing argument (each passes

@@ -1,0 +1,1 @@
+int fake_ggml(void) { return 41; }
