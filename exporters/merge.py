@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Literal
 
 from exporters import records
 from exporters.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter
@@ -367,7 +366,7 @@ def merge_checkpoint(inputs: MergeInputs, out: Path, *, dtype: str = "bfloat16",
 
 
 def merge(run: str | None = None, *, base: str | None = None, adapter: str | None = None, out: str | None = None,
-          dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16", max_shard_size: str = "5GB", exports_dir: str | None = None,
+          dtype: str = "bfloat16", max_shard_size: str = "5GB", exports_dir: str | None = None,
           merge_into: MergeInto = "original", merge_base: str | None = None, force: bool = False) -> str:
     """Merge a LoRA adapter into its base: sharded 16-bit safetensors + tokenizer + chat template.
 

@@ -148,7 +148,9 @@ class TrainingRecord:
         memory = _as_dict(info.get("peak_memory"))
         loss = {k: v for k, v in _as_dict(info.get("loss")).items() if isinstance(v, (str, int, float))}
         loss.update({f"eval {k}": v for k, v in _as_dict(_dig(info, "loss", "eval")).items() if isinstance(v, (int, float))})
+        layout = ", ".join(x for x in (_str(info.get("base_layout")), _str(info.get("base_quantization"))) if x)
         metrics = {
+            "Base checkpoint layout": {"split, bnb-4bit": "Unsloth's split bnb-4bit (per-expert NF4 Linears)"}.get(layout, layout or None),
             "Device": _str(memory.get("cuda_device")) or _str(info.get("device")),
             "Profile": _str(info.get("profile")),
             "Train time (s)": info.get("train_seconds"),
@@ -218,6 +220,8 @@ class ExportManifest:
     llama_cpp_commit: str | None
     fidelity_prompts: int | None
     artifacts: tuple[Artifact, ...]
+    merge_into: str | None = None  # `inputs.merge_into`: base | original (of a 4-bit base) | dequantized
+    trained_on: str | None = None  # `inputs.trained_on.id`: the base the adapter was trained on
 
     def of_kind(self, kind: str) -> list[Artifact]:
         return [a for a in self.artifacts if a.kind == kind]
@@ -274,6 +278,8 @@ class ExportManifest:
             llama_cpp_commit=_str(tools.get("llama_cpp_commit")),
             fidelity_prompts=_int(_dig(data, "fidelity_prompts", "count")),
             artifacts=tuple(artifacts),
+            merge_into=_str(inputs.get("merge_into")),
+            trained_on=_str(_dig(inputs, "trained_on", "id")),
         )
 
 
@@ -1125,6 +1131,11 @@ def _training_section(plan: PublishPlan) -> list[str]:
             ("LoRA target modules", f"`{targets}`"),
             ("LoRA target parameters (experts)", f"`{ac.get('target_parameters') or 'none'}`"),
         ]
+    m = plan.manifest
+    if m is not None and m.merge_into in ("original", "dequantized"):
+        shown = m.base_model if _is_hub_id(m.base_model or "") else _public(m.base_model or "")
+        rows.append(("Merged into", f"the 16-bit original `{shown}` of the 4-bit base trained on" if m.merge_into == "original"
+                     else "the 4-bit base trained on, dequantized (`--merge-into dequantized`)"))
     rows += [(k, _fmt(v)) for k, v in t.metrics.items()]
     out += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
     if t.loss:

@@ -55,6 +55,14 @@ class TransformersBackend(Backend):
             raise ServeError(f"--model {config.model}: not a checkpoint directory (no config.json); pass a merged dir or the base model dir")
         if config.adapter and not (Path(config.adapter) / "adapter_config.json").is_file():
             raise ServeError(f"--adapter {config.adapter}: no adapter_config.json; pass the adapter dir written by `gptoss train`")
+        self.split_4bit = _is_split_4bit(config.model)
+        if self.split_4bit and config.gpu_index is None:
+            run = str(Path(config.adapter).parent) if config.adapter else "models/<run>"
+            raise ServeError(
+                f"{config.model} is Unsloth's split bnb-4bit checkpoint (per-expert NF4 Linears): only Unsloth on CUDA "
+                f"loads it with its adapter; on this CPU serve the merged model instead: `gptoss export --run {run}` "
+                f"(or `gptoss merge --run {run}`), then `gptoss serve --backend transformers --model exports/<run>`"
+            )
         self.model = None
         self.engine = "transformers"
 
@@ -79,6 +87,10 @@ class TransformersBackend(Backend):
                 model = self._load_unsloth(dtype)
                 self.engine = "unsloth"
             except ImportError:
+                if self.split_4bit:
+                    raise ServeError(f"--model {cfg.model} is Unsloth's split bnb-4bit checkpoint: it needs unsloth "
+                                     "(the serve-unsloth image, or pip install 'gptoss-toolchain[unsloth]'), or serve "
+                                     "the merged model (gptoss merge --run models/<run>)") from None
                 log.warning("unsloth is not installed; serving with plain transformers on %s", cfg.device)
                 model = self._load_transformers(dtype, device)
         else:
@@ -104,7 +116,7 @@ class TransformersBackend(Backend):
         from unsloth import FastLanguageModel  # raises ImportError without the serve-unsloth image
 
         model, _ = FastLanguageModel.from_pretrained(
-            model_name=self.config.model, max_seq_length=self.config.ctx, dtype=dtype, load_in_4bit=False,
+            model_name=self.config.model, max_seq_length=self.config.ctx, dtype=dtype, load_in_4bit=self.split_4bit,
             device_map={"": self.config.gpu_index}, revision=self.config.revision,
         )
         if self.config.adapter:
@@ -116,6 +128,24 @@ class TransformersBackend(Backend):
 
     def info(self) -> dict:
         return {**super().info(), "engine": self.engine}
+
+
+def _is_split_4bit(model: str) -> bool:
+    """Unsloth's split bnb-4bit layout (a local folder, or a Hub id in the cache or known by name)."""
+    from gptoss import layouts
+
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")
+        except Exception:  # not a valid repo id: nothing cached under it
+            cached = None
+        if not isinstance(cached, str):
+            return model in layouts.SIXTEEN_BIT_ORIGINALS
+        path = Path(cached).parent
+    return layouts.describe(path)["layout"] == layouts.SPLIT
 
     async def stop(self) -> None:
         self.ready = False

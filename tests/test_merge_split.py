@@ -182,3 +182,12 @@ def test_cpu_training_on_the_split_base_says_what_to_do(split_base):
 
     _, problems = environment_problems({"model": str(split_base), "device": "cpu", "backend": "auto"})
     assert any("split" in p and "--backend unsloth" in p and "tiny" in p for p in problems), problems
+
+
+def test_serving_the_split_run_on_cpu_says_what_to_run(split_run, capsys):
+    """`gptoss serve --backend transformers --model models/<run>` of a split 4-bit run, on CPU."""
+    from gptoss.cli import main
+
+    rc = main(["serve", "--backend", "transformers", "--model", str(split_run), "--device", "cpu", "--port", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "split bnb-4bit" in err and f"gptoss export --run {split_run}" in err, err
