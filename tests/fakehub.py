@@ -14,6 +14,9 @@ path; the Xet storage protocol is not implemented here). Shapes follow huggingfa
   PUT  /__lfs/OID  |  PUT /__lfs/OID/part/N + POST /__lfs/OID/complete   (storage, no auth)
   POST /__lfs/verify
   POST /api/models/NS/NAME/commit/REV                  ndjson: header, file, lfsFile, deletedFile
+  GET  /api/{models,datasets}/NS/NAME/tree/REV         the file listing (recursive; LFS files with lfs.oid)
+  HEAD|GET /[datasets/]NS/NAME/resolve/REV/PATH        a file: X-Repo-Commit, ETag (git sha1) or
+                                                       X-Linked-Etag (sha256, LFS), as hf_hub_download reads them
 
 Repos start with the Hub's initial commit (a .gitattributes); committing an LFS file that no
 pattern covers appends it to .gitattributes, as the Hub does. Tests read the state directly
@@ -292,6 +295,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self):
         self._dispatch("PUT")
 
+    def do_HEAD(self):
+        self._dispatch("HEAD")
+
     # -- routes
 
     def _route(self, method: str, path: str, query: dict):
@@ -328,6 +334,13 @@ class _Handler(BaseHTTPRequestHandler):
         m = re.fullmatch(r"/(?:(datasets|spaces)/)?([^/]+)/([^/]+)\.git/info/lfs/objects/batch", path)
         if m and method == "POST":
             return self._lfs_batch(TYPES.get(m.group(1) or "models"), f"{m.group(2)}/{m.group(3)}")
+        m = re.fullmatch(r"/api/(models|datasets|spaces)/([^/]+)/([^/]+)/tree/([^/]+)", path)
+        if m and method == "GET":
+            return self._tree(TYPES[m.group(1)], f"{m.group(2)}/{m.group(3)}", unquote(m.group(4)))
+        m = re.fullmatch(r"/(?:(datasets|spaces)/)?([^/]+)/([^/]+)/resolve/([^/]+)/(.+)", path)
+        if m and method in ("GET", "HEAD"):
+            return self._resolve(method, TYPES.get(m.group(1) or "models"), f"{m.group(2)}/{m.group(3)}",
+                                 unquote(m.group(4)), unquote(m.group(5)))
         m = re.fullmatch(r"/api/(models|datasets|spaces)/([^/]+)/([^/]+)(?:/(revision|preupload|commit|branch)/(.+))?", path)
         if m:
             repo_type, repo_id = TYPES[m.group(1)], f"{m.group(2)}/{m.group(3)}"
@@ -365,6 +378,39 @@ class _Handler(BaseHTTPRequestHandler):
             if m:
                 info["cardData"] = yaml.safe_load(m.group(1))
         return 200, info
+
+    def _tree(self, repo_type: str, repo_id: str, rev: str):
+        repo = self._repo(repo_type, repo_id, self._user(required=False))
+        out = []
+        for path, e in sorted(repo.commits[self._head(repo, rev)].tree.items()):
+            if e.lfs:  # git stores the LFS pointer; its blob id is what the tree lists as oid
+                pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{e.oid}\nsize {e.size}\n".encode()
+                out.append({"type": "file", "path": path, "size": e.size, "oid": git_blob_sha1(pointer),
+                            "lfs": {"oid": e.oid, "size": e.size, "pointerSize": len(pointer)}})
+            else:
+                out.append({"type": "file", "path": path, "size": e.size, "oid": e.oid})
+        return 200, out
+
+    def _resolve(self, method: str, repo_type: str, repo_id: str, rev: str, path: str):
+        repo = self._repo(repo_type, repo_id, self._user(required=False))
+        sha = self._head(repo, rev)
+        entry = repo.commits[sha].tree.get(path)
+        if entry is None:
+            raise _HTTPError(404, f"{path} does not exist at {rev}", "EntryNotFound")
+        data = self.fake.lfs[entry.oid] if entry.lfs else entry.content
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{entry.oid}"'}
+        if entry.lfs:
+            headers.update({"X-Linked-Etag": f'"{entry.oid}"', "X-Linked-Size": str(entry.size)})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if method == "GET":
+            self.wfile.write(data)
+        self.fake.requests.append((method, self.path, 200))
+        return None
 
     def _preupload(self, repo_type: str, repo_id: str, rev: str):
         user = self._user(required=True)
