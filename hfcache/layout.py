@@ -231,7 +231,14 @@ def is_lfs(path: str, size: int, sample: bytes, patterns: list[tuple[str, bool]]
     return size >= LFS_MIN_SIZE or b"\0" in sample[:SAMPLE_BYTES]
 
 
-def _hashes(path: Path, size: int) -> tuple[str, str]:
+def _bar(desc: str, total: int):
+    """A byte progress bar on stderr, shown on a terminal only."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=None, leave=False)
+
+
+def _hashes(path: Path, size: int, bar=None) -> tuple[str, str]:
     """(sha256, git blob sha1) in one read. The git hash is sha1(b"blob <size>\\0" + bytes), as
     huggingface_hub.utils.sha.git_hash computes it (tests compare the two)."""
     sha256, sha1 = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size)
@@ -239,14 +246,18 @@ def _hashes(path: Path, size: int) -> tuple[str, str]:
         while chunk := f.read(CHUNK):
             sha256.update(chunk)
             sha1.update(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
     return sha256.hexdigest(), sha1.hexdigest()
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, bar=None) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
     return h.hexdigest()
 
 
@@ -255,11 +266,12 @@ def describe(folder: Path, files: dict[str, Path], records: HubRecords, commit: 
     patterns = lfs_patterns(folder)
     tree = records.trees.get(commit) if commit else None
     out, wrong = [], []
+    bar = _bar("hashing FOLDER", sum(p.stat().st_size for p in files.values()))
     for rel, path in files.items():
         size = path.stat().st_size
         with path.open("rb") as f:
             sample = f.read(SAMPLE_BYTES)
-        sha256, git_sha1 = _hashes(path, size)
+        sha256, git_sha1 = _hashes(path, size, bar)
         entry = tree.get(rel) if tree else None
         recorded = records.downloads.get(rel)
         if entry is not None:
@@ -277,6 +289,7 @@ def describe(folder: Path, files: dict[str, Path], records: HubRecords, commit: 
         if etag != expected:
             wrong.append(f"{rel} (the Hub's etag {etag}, the file's {'sha256' if expected == sha256 else 'git sha1'} {expected})")
         out.append(SourceFile(rel, path, size, sha256, git_sha1, etag, source))
+    bar.close()
     if wrong:
         raise ImportRefusedError(
             f"FOLDER {folder}: {len(wrong)} files differ from what the Hub served at commit {commit} "
@@ -339,7 +352,7 @@ def _existing_conflicts(snapshot: Path, files: list[SourceFile]) -> tuple[list[s
     return conflicts, existing
 
 
-def _copy_blob(f: SourceFile, blobs: Path) -> bool:
+def _copy_blob(f: SourceFile, blobs: Path, bar=None) -> bool:
     """Copy one file into blobs/<etag> (temporary name, hash checked, renamed); False when it was there."""
     from huggingface_hub.utils import WeakFileLock
 
@@ -356,6 +369,8 @@ def _copy_blob(f: SourceFile, blobs: Path) -> bool:
                 while chunk := src.read(CHUNK):
                     sha256.update(chunk)
                     dst.write(chunk)
+                    if bar is not None:
+                        bar.update(len(chunk))
                 dst.flush()
                 os.fsync(dst.fileno())
             if sha256.hexdigest() != f.sha256:
@@ -433,10 +448,11 @@ def import_folder(
     (repo / "snapshots").mkdir(exist_ok=True)
     written = bytes_written = 0
     if not same:
-        for f in files:
-            if _copy_blob(f, blobs):
-                written += 1
-                bytes_written += f.size
+        with _bar("copying into the cache", new_bytes) as bar:
+            for f in files:
+                if _copy_blob(f, blobs, bar):
+                    written += 1
+                    bytes_written += f.size
         work = repo / f"{TMP_PREFIX}{secrets.token_hex(4)}"
         try:
             # Built at the snapshot's own depth (repo/<work>/<commit>/...), so its relative links hold after the rename.
@@ -511,7 +527,8 @@ def verify_offline(cache: Path, repo_id: str, repo_type: str, ref: str, snapshot
     loaded = Path(proc.stdout.strip().splitlines()[-1])
     if loaded.resolve() != snapshot.resolve():
         raise ImportVerificationError(f"{repo_id} at {ref}: offline loading returned {loaded}, not the imported {snapshot}")
-    differ = [f.path for f in files if not (loaded / f.path).is_file() or _sha256(loaded / f.path) != f.sha256]
+    with _bar("comparing the snapshot with FOLDER", sum(f.size for f in files)) as bar:
+        differ = [f.path for f in files if not (loaded / f.path).is_file() or _sha256(loaded / f.path, bar) != f.sha256]
     if differ:
         raise ImportVerificationError(f"{loaded}: {len(differ)} files differ from the source: {', '.join(differ[:5])}")
     from huggingface_hub import scan_cache_dir

@@ -188,6 +188,23 @@ def test_git_blob_hash_is_huggingface_hubs(tmp_path):
         assert layout._hashes(path, len(data))[1] == git_hash(data)
 
 
+def test_lfs_rules_without_the_hubs_records(tmp_path):
+    """A copy without .gitattributes falls back to the Hub's default patterns, size and binary content
+    (the Hub appends such files to .gitattributes, which the tests above read back)."""
+    default = layout.lfs_patterns(tmp_path)
+    assert layout.is_lfs("a/model.safetensors", 10, b"{}", default)
+    assert layout.is_lfs("saved_model/x/y.pb2", 10, b"text", default)
+    assert layout.is_lfs("big.txt", layout.LFS_MIN_SIZE, b"a", default)
+    assert not layout.is_lfs("big.txt", layout.LFS_MIN_SIZE - 1, b"a", default)
+    assert layout.is_lfs("blob.dat", 8, b"\x00\x01", default)
+    assert not layout.is_lfs("empty.bin", 0, b"", default)
+    assert not layout.is_lfs("config.json", 100, b"{}", default)
+    (tmp_path / ".gitattributes").write_text("*.json filter=lfs diff=lfs merge=lfs -text\nconfig.json -filter\n")
+    own = layout.lfs_patterns(tmp_path)
+    assert layout.is_lfs("tokenizer.json", 100, b"{}", own) and not layout.is_lfs("config.json", 100, b"{}", own)
+    assert not layout.is_lfs("model.safetensors", 100, b"{}", own)  # the folder's own attributes replace the defaults
+
+
 def test_importing_again_is_a_no_op_and_a_second_ref_points_at_the_same_commit(tmp_path):
     src = small_repo(tmp_path / "src")
     first = layout.import_folder(src, repo_id=REPO, cache_dir=tmp_path / "c")
@@ -204,11 +221,11 @@ def test_a_failed_import_leaves_no_snapshot_and_no_ref(tmp_path, monkeypatch):
     src = small_repo(tmp_path / "src")
     real, calls = layout._copy_blob, []
 
-    def failing(f, blobs):
+    def failing(f, blobs, bar=None):
         calls.append(f.path)
         if len(calls) == 3:
             raise OSError(28, "No space left on device")
-        return real(f, blobs)
+        return real(f, blobs, bar)
 
     monkeypatch.setattr(layout, "_copy_blob", failing)
     with pytest.raises(OSError):
