@@ -1,48 +1,152 @@
 """`gptoss pipeline`: every stage once, in order, the way `docker compose` runs them one by one.
 
 fixture (or a base model) -> train -> merge + GGUF F16 / Q4_K_M / Q5_K_M + Modelfiles (export)
--> one chat request on each serving backend -> a summary table. `--demo` uses the embedded tiny
-model and the bundled demo dataset and runs on a CPU.
+-> one question asked of the base model and of the fine-tune in every form it now exists in (the
+adapter and the merged model on the transformers backend, the F16 and the first quant GGUF on the
+llama.cpp backend) -> a summary: the answers side by side, each compared with the trained answer.
+
+`--demo` uses the embedded tiny model and the bundled demo set (four short Harmony conversations
+with reasoning) and trains until it answers them, on a CPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shlex
 import socket
 import subprocess
 import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from gptoss.errors import ToolchainError
 
 DEMO_DATASET = "demo_harmony.jsonl"
-DEMO_PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+# The question asked in the summary is the dataset's first row. A tiny random model memorises the
+# few rows it is trained on and cannot generalise, so only a trained prompt shows what training did.
+QUESTION_ROW = 0
+# What `--demo` passes to `gptoss train` (the flags a user would type; printed as that command).
+# Tuned on 2 CPU cores so that the tiny fixture answers every demo row: every row in each step,
+# a high learning rate for LoRA (the base weights are random), no warm-up, one checkpoint.
+DEMO_TRAIN_FLAGS: dict[str, Any] = {
+    "profile": "quick_test", "max_steps": 60, "batch_size": 4, "grad_accum": 1, "learning_rate": 5e-3,
+    "rank": 16, "lora_alpha": 32, "warmup_steps": 0, "save_steps": 60, "gradient_checkpointing": "off",
+    "device": "cpu", "seed": 0, "reasoning_effort": "low",
+}
+SUMMARY_FILE = "pipeline_summary.json"
+SUMMARY_SCHEMA_VERSION = 2
+SERVE_LOG_TAIL = 25  # lines of a failed server's log shown in the error
 
 
 class PipelineError(ToolchainError):
-    """A stage of the pipeline failed; the message names the stage and its log."""
+    """A stage of the pipeline failed; the message names the stage, what it was doing and its log."""
 
 
-@dataclasses.dataclass
-class ServeResult:
-    backend: str
-    model: str
-    seconds: float
-    completion_tokens: int
-    content: str
-    reasoning: str
-    finish_reason: str
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def demo_dataset() -> Path:
     return Path(str(resources.files("gptoss").joinpath("data", DEMO_DATASET)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The question and its trained answer
+
+
+@dataclasses.dataclass
+class Question:
+    """A prompt of the training set and the assistant answer it was trained to give."""
+
+    messages: list[dict]  # what the chat request sends (the row without its last assistant turn)
+    reasoning_effort: str
+    reasoning: str  # the trained analysis
+    content: str  # the trained final answer
+    source: str  # "<dataset> row N"
+
+    @property
+    def user_text(self) -> str:
+        return next((m["content"] for m in reversed(self.messages) if m["role"] == "user"), "")
+
+
+def question_from(dataset: str, *, reasoning_effort: str, row: int = QUESTION_ROW) -> Question:
+    """The ``row``-th usable row of a local JSONL/Parquet dataset, read by the training stage's reader."""
+    from training import data as D
+
+    source = D.resolve_source(dataset)
+    if source.kind == "hub":
+        raise PipelineError(f"--dataset {dataset}: the pipeline's question comes from the first row of a local "
+                            ".jsonl/.parquet file; pass one (the Hub dataset can be saved to JSONL with `datasets`)")
+    seen = 0
+    for lineno, raw in D.FORMATS[source.kind](source):
+        messages, effort, problem = D.check_row(raw)
+        if problem:
+            continue  # training reports (or skips) it; the question is the first row it trains on
+        if seen == row:
+            answer = messages[-1]
+            if answer.get("tool_calls"):
+                raise PipelineError(f"{source.where(lineno)}: the question row's answer is a tool call; "
+                                    "put a row with a plain answer first")
+            prompt = [{k: v for k, v in m.items() if k != "thinking"} for m in messages[:-1]]
+            return Question(prompt, effort or reasoning_effort, answer.get("thinking") or "", answer.get("content") or "",
+                            source.where(lineno))
+        seen += 1
+    raise PipelineError(f"--dataset {dataset}: no usable row {row} to ask (rows must hold {{'messages': [...]}})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing answers
+
+
+def _tokens(text: str) -> list[int]:
+    from gptoss import harmony
+
+    return harmony.encoding().encode(text, disallowed_special=())
+
+
+def difference(reasoning: str, content: str, *, reasoning_ref: str, content_ref: str) -> str | None:
+    """None when both parts are equal, else which part differs and at which token (o200k, 0-based)."""
+    for part, got, want in (("reasoning", reasoning, reasoning_ref), ("content", content, content_ref)):
+        if got == want:
+            continue
+        a, b = _tokens(got), _tokens(want)
+        at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return f"{part} differs at token {at}"
+    return None
+
+
+def _same(diff: str | None) -> str:
+    return "same" if diff is None else diff
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving
+
+
+@dataclasses.dataclass
+class Answer:
+    """One model's greedy answer to the question through `gptoss serve`."""
+
+    label: str  # "base model", "adapter", "merged model", "F16 GGUF", "Q4_K_M GGUF"
+    backend: str
+    model: str
+    quant: str | None
+    reasoning: str
+    content: str
+    finish_reason: str
+    completion_tokens: int
+    ready_seconds: float  # from starting `gptoss serve` to /health 200 (the engine existed before)
+    seconds: float  # the request
+    vs_trained: str | None = None  # None: same as the trained answer; else the difference named
+    vs_f16: str | None = None  # quant GGUFs: against the F16 GGUF's answer
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 def _free_port() -> int:
@@ -51,44 +155,81 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_once(backend: str, model: str, *, log_path: Path, quant: str | None = None, timeout: float = 600.0,
-               max_tokens: int = 32) -> ServeResult:
-    """Start `gptoss serve` on a free port, wait until /health says ready, send one chat request, stop."""
+def _tail(path: Path, n: int = SERVE_LOG_TAIL) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + line for line in lines[-n:]) or "    (empty)"
+
+
+def serve_command(backend: str, model: str, *, quant: str | None = None) -> list[str]:
+    """The `gptoss serve` arguments the pipeline uses (CPU, one slot); the port comes after."""
+    cmd = ["serve", "--backend", backend, "--model", model, "--device", "cpu", "--parallel", "1"]
+    return cmd + (["--quant", quant] if quant else [])
+
+
+def serve_once(backend: str, model: str, *, question: Question, log_path: Path, label: str | None = None,
+               quant: str | None = None, ready_timeout: float = 300.0, max_tokens: int = 48) -> Answer:
+    """Start `gptoss serve`, wait for /health, ask ``question`` once (greedy, seed 0), stop the server.
+
+    The readiness clock starts only when the engine exists: llama-server is built first (once per
+    machine) so that no build runs inside the wait.
+    """
     import httpx
 
+    label = label or backend
+    if backend == "llamacpp":
+        from gptoss import llamacpp
+
+        _say(f"serve ({label}): making sure llama.cpp's llama-server is built (compiled once per machine)")
+        llamacpp.tool("llama-server")
+    args = serve_command(backend, model, quant=quant)
+    by_hand = "gptoss " + shlex.join(args)
     port = _free_port()
-    cmd = [sys.executable, "-m", "gptoss", "serve", "--backend", backend, "--model", model, "--device", "cpu",
-           "--port", str(port), "--parallel", "1"]
-    if quant:
-        cmd += ["--quant", quant]
+    cmd = [sys.executable, "-m", "gptoss", *args, "--port", str(port)]
+
+    def failed(what: str) -> PipelineError:
+        return PipelineError(f"serve ({label}): {what}.\nLast lines of {log_path}:\n{_tail(log_path)}\n"
+                             f"To see it yourself, run: {by_hand}")
+
     with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + timeout
+            _say(f"serve ({label}): started `{by_hand}` on port {port}; waiting up to {ready_timeout:.0f} s for "
+                 f"{url}/health to say the model is loaded (log: {log_path})")
+            start = time.monotonic()
             while True:
                 if proc.poll() is not None:
-                    raise PipelineError(f"serve ({backend}) exited with {proc.returncode}; see {log_path}")
+                    raise failed(f"`gptoss serve` exited with {proc.returncode} before it was ready")
                 try:
                     if httpx.get(url + "/health", timeout=5).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
-                if time.monotonic() > deadline:
-                    raise PipelineError(f"serve ({backend}) not ready after {timeout:.0f}s; see {log_path}")
+                if time.monotonic() - start > ready_timeout:
+                    raise failed(f"not ready after {ready_timeout:.0f} s of loading the model "
+                                 "(the engine was already built; a slow machine may need --serve-timeout)")
                 time.sleep(0.5)  # polling the child's health endpoint
+            ready = time.monotonic() - start
             served_name = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
-            start = time.perf_counter()
-            resp = httpx.post(url + "/v1/chat/completions", timeout=timeout, json={
-                "model": served_name, "messages": DEMO_PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "seed": 0,
-                "reasoning_effort": "low"})
-            seconds = time.perf_counter() - start
+            _say(f"serve ({label}): ready in {ready:.1f} s; asking {question.user_text!r} (greedy, up to {max_tokens} tokens)")
+            t0 = time.perf_counter()
+            try:
+                resp = httpx.post(url + "/v1/chat/completions", timeout=ready_timeout, json={
+                    "model": served_name, "messages": question.messages, "max_tokens": max_tokens, "temperature": 0.0,
+                    "seed": 0, "reasoning_effort": question.reasoning_effort})
+            except httpx.HTTPError as e:
+                raise failed(f"the chat request failed ({type(e).__name__}: {e})") from None
+            seconds = time.perf_counter() - t0
             if resp.status_code != 200:
-                raise PipelineError(f"serve ({backend}) answered {resp.status_code}: {resp.text[:300]}; see {log_path}")
+                raise failed(f"the chat request got HTTP {resp.status_code}: {resp.text[:300]}")
             body = resp.json()
-            msg = body["choices"][0]["message"]
-            return ServeResult(backend, model, seconds, int(body["usage"]["completion_tokens"]), msg.get("content") or "",
-                               msg.get("reasoning_content") or "", body["choices"][0]["finish_reason"])
+            choice = body["choices"][0]
+            msg = choice["message"]
+            return Answer(label, backend, model, quant, msg.get("reasoning_content") or "", msg.get("content") or "",
+                          choice["finish_reason"], int(body["usage"]["completion_tokens"]), round(ready, 2), round(seconds, 3))
         finally:
             proc.terminate()
             try:
@@ -96,6 +237,47 @@ def serve_once(backend: str, model: str, *, log_path: Path, quant: str | None = 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# The summary record
+
+
+@dataclasses.dataclass
+class PipelineSummary:
+    """pipeline_summary.json: what `gptoss pipeline` ran and what each model answered."""
+
+    run: str  # models/<run>
+    manifest: str  # exports/<run>/manifest.json
+    train_command: str
+    question: Question
+    answers: list[Answer]
+    stages: dict[str, float]  # stage -> seconds
+    schema_version: int = SUMMARY_SCHEMA_VERSION
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PipelineSummary":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise PipelineError(f"{path}: cannot read it ({e}); `gptoss pipeline` writes it") from None
+        if raw.get("schema_version") != SUMMARY_SCHEMA_VERSION:
+            raise PipelineError(f"{path}: schema_version {raw.get('schema_version')!r}, expected {SUMMARY_SCHEMA_VERSION}; "
+                                "run `gptoss pipeline` again")
+        try:
+            return cls(**{**raw, "question": Question(**raw["question"]), "answers": [Answer(**a) for a in raw["answers"]]})
+        except (KeyError, TypeError) as e:
+            raise PipelineError(f"{path}: unexpected fields ({e}); run `gptoss pipeline` again") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
 
 
 def _human(n: int) -> str:
@@ -106,27 +288,6 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def summary_table(manifest: dict, served: list[ServeResult]):
-    from rich.table import Table
-
-    art = Table(title="Artifacts (exports/<run>/manifest.json)")
-    for col in ("artifact", "quant", "size", "fallbacks", "NMSE vs F16", "KL", "top-1"):
-        art.add_column(col)
-    for a in manifest.get("artifacts", []):
-        fid = a.get("fidelity") or {}
-        fallbacks = a.get("fallbacks")
-        art.add_row(Path(a.get("path", "?")).name, str(a.get("label") or a.get("quant") or ""), _human(int(a.get("size", 0))),
-                    str(fallbacks.get("count", fallbacks) if isinstance(fallbacks, dict) else (fallbacks if fallbacks is not None else "")),
-                    _fmt(fid.get("nmse")), _fmt(fid.get("mean_kl")), _fmt(fid.get("top1_agreement")))
-    srv = Table(title="Serving: one request per backend (CPU)")
-    for col in ("backend", "model", "tokens", "seconds", "tok/s", "finish", "content"):
-        srv.add_column(col)
-    for r in served:
-        srv.add_row(r.backend, Path(r.model).name, str(r.completion_tokens), f"{r.seconds:.2f}", f"{r.tokens_per_second:.1f}",
-                    r.finish_reason, (r.content[:40] + "…") if len(r.content) > 40 else r.content)
-    return art, srv
-
-
 def _fmt(x) -> str:
     if x is None:
         return ""
@@ -135,30 +296,119 @@ def _fmt(x) -> str:
     return str(x)
 
 
+def artifacts_table(manifest: dict):
+    """Each GGUF's size and logits fidelity, against the reference its own row names."""
+    from rich.table import Table
+
+    art = Table(title="Artifacts (exports/<run>/manifest.json): fidelity of each file's logits against its reference")
+    for col in ("artifact", "quant", "size", "fallbacks", "measured against", "NMSE", "KL(ref‖file)", "top-1 same as ref", "gate"):
+        art.add_column(col)
+    for a in manifest.get("artifacts", []):
+        fid = a.get("fidelity") or {}
+        fallbacks = a.get("fallbacks")
+        reference = fid.get("reference") or (f"not measured: {fid['skipped']}" if fid.get("skipped") else "")
+        gate = "" if fid.get("passed") is None else ("passed" if fid["passed"] else "FAILED")
+        art.add_row(Path(a.get("path", "?")).name, str(a.get("label") or a.get("quant") or ""), _human(int(a.get("size", 0))),
+                    str(fallbacks.get("count", fallbacks) if isinstance(fallbacks, dict) else (fallbacks if fallbacks is not None else "")),
+                    reference, _fmt(fid.get("nmse")), _fmt(fid.get("mean_kl")), _fmt(fid.get("top1_agreement")), gate)
+    return art
+
+
+def answers_table(question: Question, answers: list[Answer]):
+    from rich.table import Table
+
+    table = Table(title=f"Answers to {question.user_text!r} ({question.source}; greedy decoding, seed 0, "
+                        f"reasoning effort {question.reasoning_effort})",
+                  caption=f"trained answer: reasoning {question.reasoning!r}, content {question.content!r}")
+    for col in ("answer from", "served by", "reasoning", "content", "vs trained answer", "vs F16 GGUF", "tokens", "tok/s"):
+        table.add_column(col)
+    for a in answers:
+        table.add_row(a.label, a.backend, a.reasoning, a.content, _same(a.vs_trained),
+                      "" if a.quant in (None, "f16") else _same(a.vs_f16), str(a.completion_tokens), f"{a.tokens_per_second:.1f}")
+    return table
+
+
+def verdict(answers: list[Answer]) -> str:
+    """One sentence: the fine-tune's answer is the same everywhere, or where it differs."""
+    tuned = [a for a in answers if a.label != "base model"]
+    base = next((a for a in answers if a.label == "base model"), None)
+    parts = []
+    if base is not None:
+        parts.append("the base model gives the trained answer (training showed nothing)" if base.vs_trained is None
+                     else f"the base model does not give the trained answer ({base.vs_trained})")
+    same = [a.label for a in tuned if a.vs_trained is None]
+    diff = [f"{a.label}: {a.vs_trained}" + (f", vs F16 GGUF {_same(a.vs_f16)}" if a.quant not in (None, "f16") else "")
+            for a in tuned if a.vs_trained is not None]
+    if same:
+        parts.append(f"the trained answer comes back from {', '.join(same)}")
+    if diff:
+        parts.append(f"it differs on {'; '.join(diff)}")
+    return "; ".join(parts) + "."
+
+
+def stages_table(stages: dict[str, float]):
+    from rich.table import Table
+
+    table = Table(title="Stages (wall clock)")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for name, seconds in stages.items():
+        table.add_row(name, f"{seconds:.1f}")
+    table.add_row("total", f"{sum(stages.values()):.1f}")
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def _train_command(flags: dict[str, Any]) -> str:
+    from training.config import flag
+
+    words = ["gptoss", "train"]
+    for name, value in flags.items():
+        if value is None:
+            continue
+        words += [flag(name), str(value).lower() if isinstance(value, bool) else str(value)]
+    return shlex.join(words)
+
+
 def pipeline(*, demo: bool = False, model: str | None = None, dataset: str | None = None, work: str = ".",
              profile: str = "quick_test", max_steps: int | None = None, quants: str = "q4_k_m,q5_k_m",
-             serve: bool = True) -> str:
+             serve: bool = True, serve_timeout: float = 300.0) -> str:
     """Run every stage once: fixture/base -> train -> merge -> GGUF F16/Q4_K_M/Q5_K_M -> Modelfiles -> serve -> summary.
 
     Args:
-        demo: use the embedded tiny gpt-oss (written with `gptoss fixture tiny`) and the bundled demo dataset, on CPU.
+        demo: use the embedded tiny gpt-oss (written with `gptoss fixture tiny`) and the bundled demo set, on CPU, trained until it answers.
         model: base model (Hub id or folder); required unless --demo.
-        dataset: training data (Hub id, JSONL or Parquet); default with --demo: the bundled demo set.
-        work: folder that receives models/ and exports/ (default: the current folder).
-        profile: training profile (default quick_test).
+        dataset: training data (JSONL or Parquet; its first row is the question the summary asks); default with --demo: the bundled demo set.
+        work: folder that receives models/, exports/, logs/ and pipeline_summary.json (default: the current folder).
+        profile: training profile (default quick_test; --demo uses its own tuned flags, printed as a `gptoss train` command).
         max_steps: override the profile's step count.
-        quants: GGUF kinds besides F16.
-        serve: finish with one request on each serving backend (llamacpp on the Q4_K_M GGUF, transformers on base + adapter).
+        quants: GGUF kinds besides F16; the first is the quant asked the question.
+        serve: finish by asking the question of the base model, the adapter, the merged model, the F16 and the first quant GGUF.
+        serve_timeout: seconds each server may take to load its model (counted after llama.cpp is built).
     Returns:
         The path of the export manifest.
     """
     from rich.console import Console
 
+    if not isinstance(serve_timeout, (int, float)) or isinstance(serve_timeout, bool) or serve_timeout <= 0:
+        raise PipelineError(f"--serve-timeout must be a positive number of seconds, got {serve_timeout!r}")
     console = Console(stderr=True)
     root = Path(work).expanduser().absolute()
     models_dir, exports_dir, logs_dir = root / "models", root / "exports", root / "logs"
     for d in (models_dir, exports_dir, logs_dir):
         d.mkdir(parents=True, exist_ok=True)
+    stages: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        stages[name] = round(now - clock, 1)
+        clock = now
+
     if demo:
         from gptoss.fixtures import fixture
 
@@ -168,33 +418,58 @@ def pipeline(*, demo: bool = False, model: str | None = None, dataset: str | Non
             fixture("tiny", out=str(base), force=base.exists())
         model = str(base)
         dataset = dataset or str(demo_dataset())
+        lap("fixture")
     if not model or not dataset:
         raise PipelineError("pass --demo, or both --model and --dataset")
 
     import training
     from exporters.export import export_run
 
-    console.rule(f"train: profile {profile}")
-    # The demo keeps the profile's step count but CPU-sized batches: 2 rows a step, no checkpointing.
-    cpu_sized = {"batch_size": 2, "grad_accum": 1, "gradient_checkpointing": "off", "device": "cpu"} if demo else {}
-    run_dir = training.train(profile=profile, model=model, dataset=dataset, output_dir=str(models_dir),
-                             max_steps=max_steps, **cpu_sized)
+    flags: dict[str, Any] = dict(DEMO_TRAIN_FLAGS) if demo else {"profile": profile}
+    if max_steps is not None:
+        flags["max_steps"] = max_steps
+    flags.update(model=model, dataset=dataset, output_dir=str(models_dir))
+    question = question_from(dataset, reasoning_effort=flags.get("reasoning_effort") or "medium") if serve else None
+    train_command = _train_command(flags)
+    console.rule("train")
+    _say(f"train: {train_command}")
+    run_dir = training.train(**flags)
+    lap("train")
     console.rule("export: merge, GGUF F16 + quants, Modelfiles, fidelity")
     result = export_run(str(run_dir), quants=quants, exports_dir=str(exports_dir))
     manifest_path = Path(result.manifest_path)
     manifest = result.manifest
     export_dir = manifest_path.parent
-    served: list[ServeResult] = []
+    lap("export")
+    answers: list[Answer] = []
     if serve:
-        console.rule("serve: one request on each backend")
-        first_quant = quants.split(",")[0].strip()
-        served.append(serve_once("llamacpp", str(export_dir), quant=first_quant, log_path=logs_dir / "serve-llamacpp.log"))
-        served.append(serve_once("transformers", str(run_dir), log_path=logs_dir / "serve-transformers.log"))
-    for table in summary_table(manifest, served):
-        Console().print(table)
-    (root / "pipeline_summary.json").write_text(json.dumps({
-        "run": str(run_dir), "manifest": str(manifest_path),
-        "served": [dataclasses.asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in served],
-    }, indent=2) + "\n")
+        console.rule(f"serve: asking {question.user_text!r} of the base model and of the fine-tune in each form")
+        first_quant = quants.split(",")[0].strip().lower()
+        asks = [("base model", "transformers", model, None), ("adapter", "transformers", str(run_dir), None),
+                ("merged model", "transformers", str(export_dir), None), ("F16 GGUF", "llamacpp", str(export_dir), "f16")]
+        if first_quant:
+            asks.append((f"{first_quant.upper()} GGUF", "llamacpp", str(export_dir), first_quant))
+        reference_tokens = len(_tokens(question.reasoning)) + len(_tokens(question.content))
+        max_tokens = reference_tokens + 16  # the channel headers between them, and room to go on
+        for label, backend, target, quant in asks:
+            slug = label.lower().replace(" ", "-")
+            answers.append(serve_once(backend, target, question=question, label=label, quant=quant,
+                                      log_path=logs_dir / f"serve-{slug}.log", ready_timeout=serve_timeout,
+                                      max_tokens=max_tokens))
+            lap(f"serve {label}")
+        f16 = next((a for a in answers if a.quant == "f16"), None)
+        for a in answers:
+            a.vs_trained = difference(a.reasoning, a.content, reasoning_ref=question.reasoning, content_ref=question.content)
+            if a.quant not in (None, "f16") and f16 is not None:
+                a.vs_f16 = difference(a.reasoning, a.content, reasoning_ref=f16.reasoning, content_ref=f16.content)
+    out = Console()
+    out.print(artifacts_table(manifest))
+    if serve:
+        out.print(answers_table(question, answers))
+        out.print(verdict(answers))
+    out.print(stages_table(stages))
+    if question is None:
+        question = Question([], "", "", "", "")
+    PipelineSummary(run=str(run_dir), manifest=str(manifest_path), train_command=train_command, question=question,
+                    answers=answers, stages=stages).write(root / SUMMARY_FILE)
     return str(manifest_path)
-
