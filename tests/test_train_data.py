@@ -268,3 +268,32 @@ def test_hub_dataset_rows_and_errors(monkeypatch, tokenizer):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(D.DataError, match=r"could not load split 'train' from the Hugging Face Hub \(ConnectionError: no route to host\)"):
         D.prepare(source, tokenizer, max_seq_length=1024)
+
+
+def test_hub_dataset_reads_from_the_cache_offline(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE with the dataset laid into the cache by `gptoss cache import`: the rows load
+    and the cached commit is recorded; missing from the cache, the error names the import command."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from hfcache.layout import import_folder
+
+    folder = tmp_path / "download" / "data"
+    folder.mkdir(parents=True)
+    shutil.copyfile(TRAIN_JSONL, folder / "train.jsonl")
+    cache = tmp_path / "hub"
+    commit = "a" * 40
+    import_folder(folder.parent, repo_id="acme/chats", revision=commit, repo_type="dataset", cache_dir=cache)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    source = D.resolve_source("acme/chats")
+    rows = list(D.read_hub(source))
+    want = [json.loads(line) for line in TRAIN_JSONL.read_text().splitlines() if line.strip()]
+    assert [r["messages"] for _, r in rows] == [w["messages"] for w in want]
+    assert source.found["revision"] == commit
+    with pytest.raises(D.DataError, match="gptoss cache import DIR --repo-id acme/other --repo-type dataset"):
+        list(D.read_hub(D.resolve_source("acme/other")))

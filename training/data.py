@@ -101,6 +101,12 @@ def read_hub(source: Source) -> Iterator[tuple[int, Any]]:
         import datasets
     except ImportError as e:
         raise DataError("loading a Hub dataset needs the `datasets` package: pip install 'gptoss-toolchain[train]'") from e
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        # datasets cannot resolve a Hub id from the cache alone when offline: load the cached snapshot folder.
+        yield from _read_cached_hub(source, datasets)
+        return
     try:
         ds = datasets.load_dataset(source.name, split=source.split, revision=source.revision)
     except Exception as e:  # network, auth, unknown id or split: all surface here
@@ -110,6 +116,28 @@ def read_hub(source: Source) -> Iterator[tuple[int, Any]]:
             f"network/HF_TOKEN, or pass a local .jsonl/.parquet file"
         ) from e
     source.found["revision"] = _hub_commit(ds)
+    for i, row in enumerate(ds, start=1):
+        yield i, row
+
+
+def _read_cached_hub(source: Source, datasets) -> Iterator[tuple[int, Any]]:
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = Path(snapshot_download(source.name, repo_type="dataset", revision=source.revision,
+                                       local_files_only=True))
+    except Exception as e:
+        raise DataError(
+            f"--dataset {source.name}: HF_HUB_OFFLINE is set and the dataset is not in the Hugging Face cache"
+            f"{f' at revision {source.revision}' if source.revision else ''} ({type(e).__name__}); `gptoss cache check` "
+            f"lists what is missing, `gptoss cache import DIR --repo-id {source.name} --repo-type dataset` lays a copy in"
+        ) from e
+    try:
+        ds = datasets.load_dataset(str(local), split=source.split)
+    except Exception as e:
+        raise DataError(f"--dataset {source.name}: the cached copy {local} has no loadable split {source.split!r} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    source.found["revision"] = local.name if len(local.name) == 40 else source.revision  # snapshots/<commit>
     for i, row in enumerate(ds, start=1):
         yield i, row
 
