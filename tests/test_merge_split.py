@@ -191,3 +191,31 @@ def test_serving_the_split_run_on_cpu_says_what_to_run(split_run, capsys):
     rc = main(["serve", "--backend", "transformers", "--model", str(split_run), "--device", "cpu", "--port", "0"])
     err = capsys.readouterr().err
     assert rc == 2 and "split bnb-4bit" in err and f"gptoss export --run {split_run}" in err, err
+
+
+@pytest.mark.slow
+def test_split_run_exports_to_gguf_within_the_fidelity_gate(split_run, tmp_path, capsys):
+    """(c) the whole chain from a per-expert adapter on the split 4-bit base: `gptoss export` merges
+    into the 16-bit original, converts to GGUF F16 (and Q4_K_M) and both pass the fidelity gate; the
+    merged model's card says what it was merged into."""
+    import shutil
+
+    from exporters.export import export_run
+    from gptoss.cli import main
+
+    run = tmp_path / "models" / "split-run"
+    shutil.copytree(split_run, run)
+    (run / "training_info.json").write_text((split_run / "training_info.json").read_text())
+    res = export_run(str(run), quants="q4_k_m", exports_dir=str(tmp_path / "exports"), progress=False,
+                     threads=min(4, os.cpu_count() or 1))
+    m = res.manifest
+    assert m["inputs"]["merge_into"] == "original" and m["inputs"]["trained_on"]["layout"] == "split"
+    by_kind = {a["quant"].lower() if a.get("quant") else a["label"].lower(): a for a in m["artifacts"]}
+    f16 = next(a for k, a in by_kind.items() if "f16" in k)
+    assert f16["fidelity"]["reference"].startswith("merged HF model") and f16["fidelity"]["passed"], f16["fidelity"]
+    assert all(a["fidelity"]["passed"] for a in m["artifacts"]), [a["fidelity"] for a in m["artifacts"]]
+    capsys.readouterr()
+    assert main(["publish", "--run", str(tmp_path / "exports" / "split-run"), "--repo-id", "acme/split-merged",
+                 "--what", "merged", "--dry-run"]) == 0
+    card = capsys.readouterr().out.split("README.md (model card):")[1]
+    assert "Merged into | the 16-bit original" in card and "Unsloth's split bnb-4bit" in card

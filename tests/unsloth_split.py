@@ -10,6 +10,7 @@ transformers' GptOssExperts / GptOssTopKRouter, computed per expert Linear.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -100,8 +101,10 @@ def make_split_run(base_dir: str | Path, run_dir: str | Path, *, trained_on: str
     adapter_dir = run_dir / "adapter"
     peft_model.save_pretrained(str(adapter_dir))
     AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(adapter_dir))
+    data = Path(__file__).resolve().parent / "data" / "train_tiny.jsonl"
     info = {"run": run_dir.name, "backend": "unsloth-stand-in (tests/unsloth_split.py)",
-            "note": "seeded random LoRA on the split tree (not trained)", **base_fields(str(trained_on), None)}
+            "note": "seeded random LoRA on the split tree (not trained)", **base_fields(str(trained_on), None),
+            "dataset": {"path": str(data), "content_sha256": hashlib.sha256(data.read_bytes()).hexdigest()}}
     (run_dir / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return run_dir
 
