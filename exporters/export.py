@@ -27,10 +27,11 @@ from exporters import records
 from exporters.errors import DiskSpaceError, ExportStageError, MissingFilesError
 from exporters.merge import MERGE_RECORD, MergePlan, prepare_merge, run_merge
 from exporters.quants import Quant, get_quant, parse_quants
-from exporters.runs import GGUF_DIR, MERGED_DIR, export_root, resolve_inputs
+from exporters.runs import GGUF_DIR, MERGED_DIR, MergeInto, export_root, resolve_inputs
 
 CompareHF = Literal["auto", "on", "off"]
 MANIFEST = "manifest.json"
+LOG = "export.log"  # llama.cpp's output (converter, quantizer, fidelity runs), appended per export
 MANIFEST_FORMAT = 1
 RECORDS_DIR = ".records"
 ARTIFACT_FORMAT = 1
@@ -114,7 +115,8 @@ def _compare_hf_wanted(compare_hf: str, merged_bytes: int) -> bool:
 def export(run: str | None = None, *, quants: str | tuple = "q4_k_m,q5_k_m", also: str | tuple = "",
            merged: str | None = None, base: str | None = None, adapter: str | None = None, name: str | None = None,
            out: str | None = None, exports_dir: str | None = None, fidelity: bool = True, compare_hf: CompareHF = "auto",
-           backend: QuantizeBackend = "auto", threads: int | None = None, max_shard_size: str = "5GB", force: bool = False,
+           backend: QuantizeBackend = "auto", threads: int | None = None, max_shard_size: str = "5GB",
+           merge_into: MergeInto = "original", merge_base: str | None = None, force: bool = False,
            progress: bool = True) -> str:
     """Merge a training run and export GGUF files (F16 always, plus the requested quants) with a manifest.
 
@@ -131,17 +133,21 @@ def export(run: str | None = None, *, quants: str | tuple = "q4_k_m,q5_k_m", als
             the run once the manifest is written (not with --out).
         fidelity: measure logits fidelity of every file on the fixed Harmony prompt set.
         compare_hf: compare F16 with the merged HF model in transformers: auto (when it fits in RAM), on, off.
-        backend: quantizer: auto (llama-quantize if built, else llama-cpp-python), tool, python.
+        backend: quantizer: auto or tool (llama-quantize), python (the same llama_model_quantize through the llama_cpp bindings).
         threads: CPU threads for quantizing and fidelity runs (default: all).
         max_shard_size: largest merged safetensors shard, e.g. 5GB.
+        merge_into: for a run trained on a bitsandbytes 4-bit base: original (its 16-bit original, the default)
+            or dequantized (the 4-bit base dequantized); see `gptoss merge --help`.
+        merge_base: the 16-bit original to merge into (default: what training recorded).
         force: redo every step even where the records show the same inputs.
-        progress: show progress bars.
+        progress: show progress (bars in a terminal, one line per stage otherwise).
     Returns:
         The path of manifest.json.
     """
     result = export_run(run, quants=quants, also=also, merged=merged, base=base, adapter=adapter, name=name, out=out,
                         exports_dir=exports_dir, fidelity=fidelity, compare_hf=compare_hf, backend=backend,
-                        threads=threads, max_shard_size=max_shard_size, force=force, progress=progress)
+                        threads=threads, max_shard_size=max_shard_size, merge_into=merge_into, merge_base=merge_base,
+                        force=force, progress=progress)
     _print_report(result.manifest, sys.stderr)
     return str(result.manifest_path)
 
@@ -149,8 +155,8 @@ def export(run: str | None = None, *, quants: str | tuple = "q4_k_m,q5_k_m", als
 def export_run(run: str | None = None, *, quants="q4_k_m,q5_k_m", also="", merged: str | None = None,
                base: str | None = None, adapter: str | None = None, name: str | None = None, out: str | None = None,
                exports_dir: str | None = None, fidelity: bool = True, compare_hf: CompareHF = "auto", backend: QuantizeBackend = "auto",
-               threads: int | None = None, max_shard_size: str = "5GB", force: bool = False,
-               progress: bool = True) -> ExportResult:
+               threads: int | None = None, max_shard_size: str = "5GB", merge_into: str = "original",
+               merge_base: str | None = None, force: bool = False, progress: bool = True) -> ExportResult:
     """`export` returning the manifest as a dict (for tests, benches and later stages)."""
     from gptoss import llamacpp
 
@@ -172,7 +178,7 @@ def export_run(run: str | None = None, *, quants="q4_k_m,q5_k_m", also="", merge
         root = Path(out).absolute() if out else export_root(stem, exports_dir)
         inputs_desc: dict = {"merged": str(merged_dir)}
     else:
-        inputs = resolve_inputs(run, base, adapter)
+        inputs = resolve_inputs(run, base, adapter, merge_into=merge_into, merge_base=merge_base)
         stem = name or inputs.name
         root = Path(out).absolute() if out else export_root(inputs.name, exports_dir)
         merged_dir = root / MERGED_DIR
@@ -220,8 +226,20 @@ def export_run(run: str | None = None, *, quants="q4_k_m,q5_k_m", also="", merge
         raise DiskSpaceError(f"export needs about {records.human(need)} in {root} ({', '.join(parts)}) but only "
                              f"{records.human(free)} is free; free space, pass --out on a larger disk or fewer --quants")
 
+    # llama.cpp is built (once per machine, announced) before any stage starts, not in the middle of one.
+    digest_now = fid.prompts_digest(fid.prompt_tokens()) if fidelity else None
+    fidelity_todo = fidelity and any(
+        p["redo"] or ((p["record"] or {}).get("fidelity") or {}).get("prompts_sha256") != digest_now for p in plan)
+    if any(p["redo"] and not p["quant"].from_converter for p in plan) and backend != "python":
+        llamacpp.tool("llama-quantize")
+    if fidelity_todo or backend == "python":
+        llamacpp.library_dir()
+
     # 3. Merge. A manifest describes a finished export: drop the old one before changing anything.
     root.mkdir(parents=True, exist_ok=True)
+    log_path = root / LOG
+    if merge_needed or any(p["redo"] for p in plan) or fidelity_todo:
+        print(f"export {stem}: llama.cpp's own output goes to {log_path}", file=sys.stderr, flush=True)
     manifest_path = root / MANIFEST
     if merge_needed or any(p["redo"] for p in plan):
         manifest_path.unlink(missing_ok=True)
@@ -250,10 +268,10 @@ def export_run(run: str | None = None, *, quants="q4_k_m,q5_k_m", also="", merge
         (rec_dir / f"{p['path'].name}.json").unlink(missing_ok=True)
         if q.from_converter:
             step = gg.convert(merged_dir, p["path"], outtype=q.label.lower(), expected_tensors=n_tensors,
-                              progress=progress)
+                              progress=progress, log=log_path)
         else:
             step = gg.quantize(f16_path, p["path"], label=q.label, backend=backend, threads=threads,
-                               progress=progress)
+                               progress=progress, log=log_path)
         commands.append(" ".join(step.command))
         info = gg.inspect(p["path"])
         digest = records.file_digest(p["path"])
@@ -295,7 +313,7 @@ def export_run(run: str | None = None, *, quants="q4_k_m,q5_k_m", also="", merge
         todo = [p for p in plan if p["record"].get("fidelity") is None
                 or p["record"]["fidelity"].get("prompts_sha256") != prompt_digest]
         if todo:
-            ref16 = fid.gguf_logits(f16_path, tokens, threads=threads)
+            ref16 = fid.gguf_logits(f16_path, tokens, threads=threads, progress=progress, log=log_path)
             for p in todo:
                 q = p["quant"]
                 if q.from_converter:
@@ -306,9 +324,10 @@ def export_run(run: str | None = None, *, quants="q4_k_m,q5_k_m", also="", merge
                         continue
                     note = fid.reference_config(merged_dir)[1]
                     ref_name = "merged HF model (transformers, float32" + (f"; {note})" if note else ")")
-                    ref, test = fid.hf_logits(merged_dir, tokens), ref16
+                    ref, test = fid.hf_logits(merged_dir, tokens, progress=progress), ref16
                 else:
-                    ref, test, ref_name = ref16, fid.gguf_logits(p["path"], tokens, threads=threads), f"{stem}-F16.gguf"
+                    ref, test, ref_name = ref16, fid.gguf_logits(p["path"], tokens, threads=threads, progress=progress,
+                                                                 log=log_path), f"{stem}-F16.gguf"
                 f = fid.compare(ref, test)
                 p["record"]["fidelity"] = {
                     "reference": ref_name, **dataclasses.asdict(f),

@@ -1,8 +1,9 @@
 """How close a GGUF's logits are to a reference, on a fixed set of Harmony prompts.
 
-Prompts are rendered by the Harmony core (gptoss.harmony.render_prompt). GGUFs run in
-llama-cpp-python with logits for every position and an F32 KV cache (the file is measured, not
-the runtime's F16 cache); the merged HF model runs in transformers in float32, with YaRN's
+Prompts are rendered by the Harmony core (gptoss.harmony.render_prompt). GGUFs run in the pinned
+llama_cpp bindings (gptoss.llamacpp.bindings(): llama-cpp-python's ctypes layer on our libllama)
+with logits for every position and an F32 KV cache (the file is measured, not the runtime's F16
+cache; llama.cpp's log lines go to a log file); the merged HF model runs in transformers in float32, with YaRN's
 correction range truncated as llama.cpp always does it (gpt-oss's config says `truncate: false`,
 which llama.cpp cannot reproduce: that engine difference alone is NMSE ~2.5e-4 at gpt-oss-20b's
 widths, see docs/BENCHMARKS.md). Metrics over all prompt positions: NMSE of logits (sum of squared
@@ -17,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from pathlib import Path
 
 from gptoss import harmony
 
@@ -50,24 +52,34 @@ def prompts_digest(tokens: list[list[int]]) -> str:
     return hashlib.sha256(json.dumps({"tokens": tokens, "method": METHOD}).encode()).hexdigest()
 
 
-def gguf_logits(path: str | os.PathLike, tokens: list[list[int]], *, threads: int | None = None):
-    """Logits at every prompt position, one float32 array (n_tokens, vocab) per prompt."""
-    import llama_cpp
+def gguf_logits(path: str | os.PathLike, tokens: list[list[int]], *, threads: int | None = None,
+                progress: bool = False, log: Path | None = None):
+    """Logits at every prompt position, one float32 array (n_tokens, vocab) per prompt; llama.cpp's
+    log lines go to ``log`` (appended; dropped without one)."""
     import numpy as np
 
+    from exporters.gguf import tool_log
+    from gptoss import llamacpp
+    from gptoss.progress import Stage
+
+    llama_cpp = llamacpp.bindings()
     n_ctx = max(len(t) for t in tokens) + 8
     f32 = 0  # GGML_TYPE_F32
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                          n_threads=threads or os.cpu_count(), verbose=False, seed=0, type_k=f32, type_v=f32)
-    try:
-        out = []
-        for toks in tokens:
-            llm.reset()
-            llm.eval(toks)
-            out.append(np.array(llm.scores[: len(toks)], dtype=np.float32, copy=True))
-        return out
-    finally:
-        llm.close()
+    with tool_log(log, f"fidelity: llama_cpp.Llama({path}, logits_all=True)") as write, \
+            llamacpp.log_lines_to(llama_cpp, write), \
+            Stage(f"logits of {Path(path).name}", total=len(tokens), unit="prompts", enabled=progress) as bar:
+        llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                              n_threads=threads or os.cpu_count(), verbose=False, seed=0, type_k=f32, type_v=f32)
+        try:
+            out = []
+            for toks in tokens:
+                llm.reset()
+                llm.eval(toks)
+                out.append(np.array(llm.scores[: len(toks)], dtype=np.float32, copy=True))
+                bar.update(1)
+            return out
+        finally:
+            llm.close()
 
 
 def reference_config(model_dir: str | os.PathLike):
@@ -83,20 +95,25 @@ def reference_config(model_dir: str | os.PathLike):
     return config, None
 
 
-def hf_logits(model_dir: str | os.PathLike, tokens: list[list[int]]):
+def hf_logits(model_dir: str | os.PathLike, tokens: list[list[int]], *, progress: bool = False):
     """Logits of the HF checkpoint in float32 (transformers), one array per prompt; RoPE as
     llama.cpp computes it (reference_config)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    config, _ = reference_config(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, dtype=torch.float32)
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for toks in tokens:
-            out.append(model(torch.tensor([toks])).logits[0].numpy().astype("float32"))
-    del model
+    from gptoss.progress import Stage
+
+    with Stage(f"logits of the merged HF model ({Path(model_dir).name}, float32)", total=len(tokens), unit="prompts",
+               enabled=progress) as bar:
+        config, _ = reference_config(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, dtype=torch.float32)
+        model.eval()
+        out = []
+        with torch.no_grad():
+            for toks in tokens:
+                out.append(model(torch.tensor([toks])).logits[0].numpy().astype("float32"))
+                bar.update(1)
+        del model
     return out
 
 

@@ -1,14 +1,16 @@
 """GGUF files through the pinned llama.cpp: convert (convert_hf_to_gguf.py), quantize, inspect.
 
 The converter runs as a subprocess with the vendored gguf-py (gptoss.llamacpp.converter()); the
-quantizer is llama-quantize built from the same source or, when that is not built, the same
-llama_model_quantize inside llama-cpp-python. Both log which tensors "fell back" to another type
-because their width is not a multiple of the quant's block; we parse that log.
+quantizer is llama-quantize built from the same source (built on first use) or, with
+``backend="python"``, the same llama_model_quantize through the pinned llama_cpp bindings. Both log
+which tensors "fell back" to another type because their width is not a multiple of the quant's
+block; we parse that log. Their output goes to ``log`` (a file), never to the screen; the screen
+gets a progress bar (gptoss.progress).
 """
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import dataclasses
 import os
 import re
@@ -112,33 +114,48 @@ def run_measured(cmd: list[str], env: dict | None, on_line: Callable[[str], None
     return rc, lines, peak[0]
 
 
-def convert(merged_dir: Path, out_path: Path, *, outtype: str = "f16", expected_tensors: int | None = None,
-            progress: bool = True) -> StepResult:
-    """merged HF folder -> GGUF at ``out_path`` (written under a temporary name, renamed when complete)."""
-    from tqdm.auto import tqdm
+@contextlib.contextmanager
+def tool_log(log: Path | None, title: str):
+    """A writer of one tool's output lines into ``log`` (appended, under a ``title`` header); no file: dropped."""
+    if log is None:
+        yield lambda line: None
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {title}\n")
+        yield lambda line: f.write(line + "\n")
 
+
+def _failure(what: str, rc: int, lines: list[str], log: Path | None) -> str:
+    tail = "\n".join(lines[-LOG_TAIL:])
+    return f"{what} (exit {rc}){f'; full output in {log}' if log else ''}:\n{tail}"
+
+
+def convert(merged_dir: Path, out_path: Path, *, outtype: str = "f16", expected_tensors: int | None = None,
+            progress: bool = True, log: Path | None = None) -> StepResult:
+    """merged HF folder -> GGUF at ``out_path`` (written under a temporary name, renamed when complete);
+    the converter's output goes to ``log``."""
     from gptoss import llamacpp
+    from gptoss.progress import Stage
 
     script, env = llamacpp.converter()
     tmp = out_path.with_name(f".{out_path.name}.partial")
     cmd = [sys.executable, str(script), str(merged_dir), "--outtype", outtype, "--outfile", str(tmp)]
-    bar = tqdm(total=expected_tensors, unit="tensor", desc=f"convert {out_path.name}", disable=not progress,
-               file=sys.stderr)
-
-    def on_line(line: str) -> None:
-        if _CONVERT_TENSOR.match(line):
-            bar.update(1)
-
     start = time.perf_counter()
-    try:
-        rc, lines, rss = run_measured(cmd, env, on_line)
-        if rc != 0 or not tmp.is_file():
-            tail = "\n".join(lines[-LOG_TAIL:])
-            raise ConversionError(f"convert_hf_to_gguf.py failed on {merged_dir} (exit {rc}):\n{tail}")
-        os.replace(tmp, out_path)
-    finally:
-        bar.close()
-        tmp.unlink(missing_ok=True)
+    with tool_log(log, " ".join(cmd)) as write, \
+            Stage(f"convert {out_path.name}", total=expected_tensors, unit="tensors", bar=True, enabled=progress) as bar:
+        def on_line(line: str) -> None:
+            write(line)
+            if _CONVERT_TENSOR.match(line):
+                bar.update(1)
+
+        try:
+            rc, lines, rss = run_measured(cmd, env, on_line)
+            if rc != 0 or not tmp.is_file():
+                raise ConversionError(_failure(f"convert_hf_to_gguf.py failed on {merged_dir}", rc, lines, log))
+            os.replace(tmp, out_path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return StepResult(out_path, lines, time.perf_counter() - start, rss, cmd, backend="convert_hf_to_gguf.py")
 
 
@@ -153,80 +170,67 @@ def parse_fallbacks(lines: list[str]) -> list[dict]:
 
 
 def quantize(src: Path, out_path: Path, *, label: str, backend: QuantizeBackend = "auto", threads: int | None = None,
-             progress: bool = True) -> StepResult:
-    """F16 GGUF -> ``label`` (e.g. Q4_K_M) GGUF via llama.cpp; temp name, renamed when complete."""
-    from tqdm.auto import tqdm
-
+             progress: bool = True, log: Path | None = None) -> StepResult:
+    """F16 GGUF -> ``label`` (e.g. Q4_K_M) GGUF via llama.cpp; temp name, renamed when complete; the
+    quantizer's output goes to ``log``. Builds llama.cpp first if it is not built yet (announced)."""
     from gptoss import llamacpp
+    from gptoss.progress import Stage
 
-    tool = None
-    if backend in ("auto", "tool"):
-        try:
-            tool = llamacpp.tool("llama-quantize", build=False)
-        except llamacpp.LlamaCppError:
-            if backend == "tool":
-                raise
+    if backend not in ("auto", "tool", "python"):
+        raise ConversionError(f"quantize backend {backend!r}: choose auto, tool or python")
     tmp = out_path.with_name(f".{out_path.name}.partial")
     threads = threads or os.cpu_count() or 1
-    bar = tqdm(total=None, unit="tensor", desc=f"quantize {out_path.name}", disable=not progress, file=sys.stderr)
-
-    def on_line(line: str) -> None:
-        m = _QUANT_PROGRESS.search(line)
-        if m:
-            bar.total = int(m[2])
-            bar.update(int(m[1]) - bar.n)
-
+    if backend == "python":  # the same llama_model_quantize through the bindings, in a child process (isolated, measurable)
+        llamacpp.library_dir()
+        cmd = [sys.executable, "-m", "exporters.gguf", "quantize", str(src), str(tmp), label, str(threads)]
+        env = dict(os.environ)
+        package_root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join([package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        used = "llama_cpp.llama_model_quantize"
+    else:
+        cmd = [str(llamacpp.tool("llama-quantize")), str(src), str(tmp), label, str(threads)]
+        env = None
+        used = "llama-quantize"
     start = time.perf_counter()
-    try:
-        if tool is not None:
-            cmd = [str(tool), str(src), str(tmp), label, str(threads)]
-            rc, lines, rss = run_measured(cmd, None, on_line)
-            used = "llama-quantize"
-        else:  # the same llama_model_quantize inside llama-cpp-python, in a child process (isolated, measurable)
-            cmd = [sys.executable, "-m", "exporters.gguf", "quantize", str(src), str(tmp), label, str(threads)]
-            env = dict(os.environ)
-            package_root = str(Path(__file__).resolve().parents[1])
-            env["PYTHONPATH"] = os.pathsep.join([package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    with tool_log(log, " ".join(cmd)) as write, \
+            Stage(f"quantize {out_path.name}", unit="tensors", bar=True, enabled=progress) as bar:
+        def on_line(line: str) -> None:
+            write(line)
+            m = _QUANT_PROGRESS.search(line)
+            if m:
+                bar.set_total(int(m[2]))
+                bar.set(int(m[1]))
+
+        try:
             rc, lines, rss = run_measured(cmd, env, on_line)
-            used = "llama_cpp.llama_model_quantize"
-        if rc != 0 or not tmp.is_file():
-            tail = "\n".join(lines[-LOG_TAIL:])
-            raise ConversionError(f"quantizing {src.name} to {label} failed ({used}, exit {rc}):\n{tail}")
-        os.replace(tmp, out_path)
-    finally:
-        bar.close()
-        tmp.unlink(missing_ok=True)
+            if rc != 0 or not tmp.is_file():
+                raise ConversionError(_failure(f"quantizing {src.name} to {label} failed ({used})", rc, lines, log))
+            os.replace(tmp, out_path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return StepResult(out_path, lines, time.perf_counter() - start, rss, cmd, parse_fallbacks(lines), used)
 
 
 def _quantize_in_process(src: Path, dst: Path, label: str, threads: int, on_line) -> tuple[int, list[str]]:
-    import llama_cpp
-    from llama_cpp import _logger
+    import ctypes
 
+    from gptoss import llamacpp
+
+    llama_cpp = llamacpp.bindings(build=False)  # the parent built it
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{label}", None)
     if ftype is None:
         raise ConversionError(f"llama-cpp-python {llama_cpp.__version__} has no LLAMA_FTYPE_MOSTLY_{label}")
     lines: list[str] = []
-    pending = [""]
 
-    @llama_cpp.llama_log_callback
-    def collect(level, text, user_data):  # noqa: ARG001 - ctypes signature
-        pending[0] += text.decode("utf-8", errors="replace")
-        *done, pending[0] = pending[0].split("\n")
-        for line in done:
-            lines.append(line)
-            on_line(line)
+    def collect(line: str) -> None:
+        lines.append(line)
+        on_line(line)
 
-    params = llama_cpp.llama_model_quantize_default_params()  # the installed struct layout
+    params = llama_cpp.llama_model_quantize_default_params()  # the bindings' struct layout
     params.ftype = ftype
     params.nthread = threads
-    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
-    try:
+    with llamacpp.log_lines_to(llama_cpp, collect):
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-    if pending[0]:
-        lines.append(pending[0])
     return rc, lines
 
 

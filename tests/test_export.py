@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 import export_support as sup
+from conftest import REPO
 from exporters import gguf as gg
 from exporters import records
 from exporters.errors import DiskSpaceError, ExportStageError, UnknownQuantError
@@ -114,9 +116,9 @@ def test_fidelity_printed_and_within_gates(exported):
 
 
 def test_ggufs_load_and_generate(exported):
-    import llama_cpp
+    from gptoss import harmony, llamacpp
 
-    from gptoss import harmony
+    llama_cpp = llamacpp.bindings()
 
     ids = sup.prompt_ids()
     stops = set(harmony.stop_token_ids())
@@ -235,7 +237,9 @@ def test_in_process_quantizer_matches_llama_quantize(exported, tmp_path):
 
 
 def test_registered_quants_exist_in_llama_cpp():
-    import llama_cpp
+    from gptoss import llamacpp
+
+    llama_cpp = llamacpp.bindings()
 
     for q in QUANTS.values():
         assert q.from_converter or hasattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{q.label}"), q.label
@@ -293,3 +297,61 @@ def test_fallbacks_counted_when_widths_are_not_multiples_of_256(tmp_path):
     f16 = gg.inspect(f16)
     wide = {n for n, s in f16.shapes.items() if s[0] == 160 and f16.types[n] == "F16"}
     assert set(fell) == wide - {"output.weight"} and info.types["output.weight"] == "Q8_0"
+
+
+def test_tools_and_bindings_come_from_one_build(tmp_path):
+    """llama-quantize, llama-server and the bindings' libllama are one build's; the binaries find
+    their libraries beside them, so a copied bin folder works (the images copy it)."""
+    import subprocess
+
+    from gptoss import llamacpp
+
+    llama_cpp = llamacpp.bindings()
+    package = llamacpp.source_dir() / llamacpp.BINDINGS_DIR
+    assert Path(llama_cpp.__file__).resolve().is_relative_to(package.resolve()) and llama_cpp.__version__ == "0.3.36"
+    lib = Path(llama_cpp.llama_cpp._lib._name)
+    assert lib.parent == llamacpp.tool("llama-server").parent == llamacpp.library_dir()
+    dynamic = subprocess.run(["readelf", "-d", str(llamacpp.tool("llama-server"))], capture_output=True, text=True).stdout
+    assert "[$ORIGIN]" in dynamic and "Shared library: [libllama" in dynamic
+    llamacpp.install(tmp_path / "opt", tools=("llama-quantize",), with_source=False)
+    copied = subprocess.run([str(tmp_path / "opt/bin/llama-quantize"), "--help"], capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin"})
+    assert "usage:" in copied.stdout + copied.stderr, copied.stderr[-2000:]
+
+
+LLAMA_CPP_LOG_LINES = ("INFO:hf-to-gguf", "llama_model_loader", "llama_model_quantize", "load_tensors", "llama_context")
+
+
+def _export_cli(exported, out: Path) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "gptoss", "export", "--merged", str(exported["root"] / "merged"), "--name", "tiny-run",
+            "--out", str(out), "--quants", "q8_0", "--compare-hf", "off", "--threads", "2"]
+
+
+def test_export_without_a_terminal_prints_one_line_per_stage_and_no_llama_cpp_logs(exported, tmp_path):
+    import subprocess
+
+    out = tmp_path / "x"
+    proc = subprocess.run(_export_cli(exported, out), capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    stages = [line for line in lines if " ... " in line]
+    assert [s.split(" ... ")[0] for s in stages] == [
+        "convert tiny-run-F16.gguf", "quantize tiny-run-Q8_0.gguf", "logits of tiny-run-F16.gguf",
+        "logits of tiny-run-Q8_0.gguf"]
+    assert re.search(r" \.\.\. \d+ tensors in [\d.]+ s$", stages[0]) and stages[2].endswith(" s") and "4 prompts in" in stages[2]
+    assert f"export tiny-run: llama.cpp's own output goes to {out / 'export.log'}" in lines
+    assert not [line for line in lines if any(k in line for k in LLAMA_CPP_LOG_LINES)]
+    assert "\r" not in proc.stderr
+    log = (out / "export.log").read_text()
+    assert all(k in log for k in LLAMA_CPP_LOG_LINES), "llama.cpp's lines belong in the log file"
+
+
+def test_export_in_a_terminal_shows_progress_bars(exported, tmp_path):
+    from pty_support import run_in_terminal
+
+    text = run_in_terminal(_export_cli(exported, tmp_path / "x"), env=dict(os.environ), cwd=REPO)
+    for bar in ("convert tiny-run-F16.gguf: 100%|", "quantize tiny-run-Q8_0.gguf: 100%|", "logits of tiny-run-Q8_0.gguf: 100%|"):
+        assert bar in text, text[-3000:]
+    assert not [k for k in LLAMA_CPP_LOG_LINES if k in text]

@@ -12,19 +12,16 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import pty
-import select
 import shutil
 import signal
-import struct
 import subprocess
 import sys
-import termios
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, missing_tool
+from pty_support import run_in_terminal
 
 FAKE_SRC = REPO / "tests" / "data" / "fake_llama_cpp"
 
@@ -131,34 +128,8 @@ def test_a_second_process_waits_for_the_build_in_progress(env):
     assert proc.returncode == 0 and "gptoss build: compiling llama.cpp" in err
 
 
-def read_pty(cmd: list[str], env: dict, timeout: float = 300) -> str:
-    """Run ``cmd`` with stdout and stderr on a pseudo-terminal; everything it wrote."""
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a terminal 120 columns wide
-    proc = subprocess.Popen(cmd, env={**env, "TERM": "xterm"}, cwd=REPO, stdin=subprocess.DEVNULL,
-                            stdout=follower, stderr=follower)
-    os.close(follower)
-    chunks = []
-    while True:
-        ready, _, _ = select.select([leader], [], [], timeout)
-        if not ready:
-            proc.kill()
-            raise AssertionError("no output for %ss: %r" % (timeout, b"".join(chunks)[-2000:]))
-        try:
-            data = os.read(leader, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    proc.wait(timeout=60)
-    os.close(leader)
-    assert proc.returncode == 0, b"".join(chunks)[-3000:]
-    return b"".join(chunks).decode(errors="replace")
-
-
 def test_build_in_a_terminal_shows_a_progress_bar(env):
-    text = read_pty([sys.executable, "-m", "gptoss", "build"], env)
+    text = run_in_terminal([sys.executable, "-m", "gptoss", "build"], env=env, cwd=REPO)
     assert "gptoss build: compiling llama.cpp" in text
     # tqdm's bar: "llama.cpp: compiling (ninja, 2 jobs): 100%|█████| 12/12 [00:01<00:00, ...]"
     assert "llama.cpp: compiling (ninja, 2 jobs): 100%|" in text and "\r" in text
