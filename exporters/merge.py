@@ -263,6 +263,9 @@ def run_merge(mp: MergePlan, *, progress: bool = True, command: str | None = Non
     weights = mp.adapter.load_weights()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the merged folder from other users (containers)
     start = time.perf_counter()
     merged_names: list[str] = []
     try:

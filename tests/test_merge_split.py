@@ -76,6 +76,9 @@ def test_merged_fused_model_equals_split_model_plus_adapter(base, split_run, ids
     """(a) into the 16-bit original (the default): float32 logits of our fused merge = the split
     tree + PEFT adapter; and the experts changed."""
     out = merge(str(split_run), out=str(tmp_path / "merged"), dtype="float32")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert Path(out).stat().st_mode & 0o777 == 0o777 & ~umask  # readable by other users, as any folder
     record = json.loads((Path(out) / MERGE_RECORD).read_text())
     assert record["merge_into"] == "original"
     assert record["inputs"]["trained_on"]["layout"] == "split"
