@@ -27,6 +27,7 @@ from serving.backends import Backend, BackendConfig, BackendError, Generated, Sa
 log = logging.getLogger("gptoss.serve.llamacpp")
 
 HEALTH_POLL_S = 0.25
+WAIT_REPORT_S = 30.0  # how often a long model load says it is still waiting
 
 
 def _free_port() -> int:
@@ -66,18 +67,24 @@ class LlamaCppBackend(Backend):
             raise ServeError("--adapter is for the transformers backend; merge and export a GGUF for llamacpp (gptoss merge, gptoss export)")
         if not Path(config.model).is_file():
             raise ServeError(f"--model {config.model}: the llamacpp backend serves a .gguf file; export one with `gptoss export`")
+        from gptoss import llamacpp
+
+        # Found (or built, once per machine, announced with progress) here, before the API listens:
+        # nothing that waits for /health ever waits for a compiler.
+        self.binary = llamacpp.tool("llama-server", cuda=config.gpu_index is not None)
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
         self.base_url = ""
         self._client = None
         self._log_file = None
+        self._keep_log = False
 
     async def start(self) -> None:
+        import time
+
         import httpx
 
-        from gptoss import llamacpp
-
-        binary = llamacpp.tool("llama-server", cuda=self.config.gpu_index is not None)
+        binary = self.binary
         self.port = _free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ)
@@ -92,12 +99,24 @@ class LlamaCppBackend(Backend):
         # ("Server disconnected without sending a response"); a fresh localhost connection costs ~0.1 ms.
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
         self._client = httpx.AsyncClient(base_url=self.base_url, timeout=httpx.Timeout(None, connect=10.0), limits=limits)
+        log.info("waiting for llama-server to load %s (its log: %s)", self.config.model, self._log_file.name)
+        started = time.monotonic()
+        said = started
         while True:
             if self.proc.poll() is not None:
-                raise ServeError(f"llama-server exited with {self.proc.returncode} while loading {self.config.model}: {self._log_tail()}")
+                self._keep_log = True
+                raise ServeError(
+                    f"llama-server exited with {self.proc.returncode} while loading {self.config.model} "
+                    f"({time.monotonic() - started:.0f}s after it started); its log {self._log_file.name} ends:\n"
+                    f"{self._log_tail()}\nCheck that the file is a GGUF written by `gptoss export` and that it fits in "
+                    f"memory; the engine's command line was: {' '.join(cmd)}")
             with contextlib.suppress(httpx.HTTPError):
                 if (await self._client.get("/health")).status_code == 200:
                     break
+            if time.monotonic() - said >= WAIT_REPORT_S:
+                said = time.monotonic()
+                log.info("still waiting for llama-server to load %s (%.0fs; its log: %s)", self.config.model,
+                         said - started, self._log_file.name)
             await asyncio.sleep(HEALTH_POLL_S)  # polling a child process, not synchronising tests
         props = (await self._client.get("/props")).json()
         self.n_ctx = int(props.get("default_generation_settings", {}).get("n_ctx") or self.config.ctx)
@@ -126,8 +145,9 @@ class LlamaCppBackend(Backend):
                 self.proc.kill()
         if self._log_file is not None:
             self._log_file.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self._log_file.name)
+            if not self._keep_log:  # kept when the engine failed: the error names it
+                with contextlib.suppress(OSError):
+                    os.unlink(self._log_file.name)
 
     def info(self) -> dict:
         return {**super().info(), "engine": "llama-server", "engine_url": self.base_url, "sample_on_device": self.config.sample_on_device,

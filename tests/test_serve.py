@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 import time
 from pathlib import Path
@@ -370,3 +371,31 @@ def test_transformers_backend_on_cuda(tiny_model, harmony_models, tmp_path):
         assert resp.choices[0].message.reasoning_content == sup.GREETING_REASONING
     finally:
         server.close()
+
+
+def test_an_engine_that_cannot_load_says_what_it_was_doing(tmp_path):
+    """llama-server is found (built) before the API listens; when it then fails to load the model,
+    the error says what was happening, where its log is, and what to check."""
+    import os
+    import subprocess
+    import sys
+
+    from gptoss import llamacpp
+
+    llamacpp.tool("llama-server")  # built before the clock below: this test times only serve
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 64)  # a GGUF header with nothing behind it
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "gptoss", "serve", "--backend", "llamacpp", "--model", str(bad),
+                           "--port", str(port), "--parallel", "1", "--ctx", "256"], capture_output=True, text=True,
+                          timeout=300, cwd=root, env=dict(os.environ, PYTHONPATH=str(root)))
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert f"waiting for llama-server to load {bad}" in err
+    assert re.search(rf"llama-server exited with -?\d+ while loading {re.escape(str(bad))}", err), err[-3000:]
+    log = re.search(r"its log (\S+) ends:", err)
+    assert log and Path(log[1]).is_file() and "gguf" in Path(log[1]).read_text(errors="replace").lower()
+    assert "Check that the file is a GGUF written by `gptoss export`" in err
