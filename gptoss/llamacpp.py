@@ -45,9 +45,10 @@ BINDINGS_DIR = "llama-cpp-python"
 SOURCE_LAYOUT = f"{LLAMA_CPP_PYTHON_VERSION} layout 2 (vendor/llama.cpp + {BINDINGS_DIR}/llama_cpp)"
 BUILD_MARKER = ".complete.json"
 BUILD_FORMAT = 1
-# Measured compile work of the default CPU targets (user + sys CPU time of `gptoss build`,
-# docs/BENCHMARKS.md); the estimate divides it by the jobs.
+# Measured compile work (user + sys CPU seconds of a cold `gptoss build`, docs/BENCHMARKS.md): the
+# CPU build, and what CUDA adds per GPU architecture. The estimate divides it by the jobs.
 CPU_BUILD_CORE_SECONDS = 900
+CUDA_ARCH_CORE_SECONDS = 3400
 CONFIGURE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
@@ -228,7 +229,9 @@ def _outputs(targets: tuple[str, ...]) -> list[str]:
 def _flags(cuda: bool) -> list[str]:
     flags = list(CONFIGURE_FLAGS)
     if cuda:
-        flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={os.environ.get('CUDA_ARCHS', '90')}"]
+        flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={';'.join(_cuda_archs())}",
+                  # libcuda.so.1 comes with the driver, absent where images build (as llama.cpp's cuda.Dockerfile)
+                  "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined"]
     return flags
 
 
@@ -265,27 +268,44 @@ def default_jobs() -> int:
     return _cores()
 
 
-def estimate_seconds(jobs: int, *, cuda: bool = False) -> float | None:
-    """Wall time of a cold build of the default targets with ``jobs`` jobs (None for CUDA: nvcc's
-    share depends on CUDA_ARCHS and was not measured here)."""
-    if cuda:
-        return None
-    return CPU_BUILD_CORE_SECONDS / max(1, min(jobs, _cores()))
+def _cuda_archs() -> list[str]:
+    return [a for a in os.environ.get("CUDA_ARCHS", "90").replace(",", ";").split(";") if a.strip()]
+
+
+def _load() -> float:
+    """Runnable processes on this machine now (1-minute load average): other work shares the cores."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
+
+
+def estimate_seconds(jobs: int, *, cuda: bool = False, load: float = 0.0) -> float:
+    """Wall time of a cold build of the default targets with ``jobs`` jobs on this machine's cores,
+    beside ``load`` other runnable processes (each gets an equal share of the cores)."""
+    work = CPU_BUILD_CORE_SECONDS + (CUDA_ARCH_CORE_SECONDS * len(_cuda_archs()) if cuda else 0)
+    cores = _cores()
+    usable = min(jobs, cores)
+    if load + jobs > cores:
+        usable = min(usable, cores * jobs / (load + jobs))
+    return work / max(usable, 1e-3)
 
 
 def _announce(targets: tuple[str, ...], *, cuda: bool, jobs: int, mode: str) -> None:
     tools = [t for t in targets if t not in LIBRARIES]
     libs = "/".join(f"lib{t}" for t in LIBRARIES if t in targets)
     what = ", ".join(tools) + (f" and {libs} (for the llama_cpp Python bindings)" if libs else "")
-    est = estimate_seconds(jobs, cuda=cuda)
+    load = _load()
+    est = estimate_seconds(jobs, cuda=cuda, load=load)
+    busy = load + jobs > _cores()
     if mode == "adding to":
         how_long = "only what is missing compiles"
-    elif est is not None:
-        how_long = (f"about {human_seconds(est)} with {jobs} job{'s' if jobs != 1 else ''} "
-                    f"({_cores()} core{'s' if _cores() != 1 else ''} here){'; less, as it resumes' if mode == 'resuming' else ''}")
     else:
-        how_long = (f"{jobs} jobs; the CUDA kernels (CUDA_ARCHS={os.environ.get('CUDA_ARCHS', '90')}) take much longer "
-                    "than the CPU build")
+        how_long = (f"about {human_seconds(est)} with {jobs} job{'s' if jobs != 1 else ''} "
+                    f"({_cores()} core{'s' if _cores() != 1 else ''} here"
+                    f"{f', shared with other work (load {load:.1f})' if busy else ''}"
+                    f"{', CUDA_ARCHS=' + ';'.join(_cuda_archs()) if cuda else ''})"
+                    f"{'; less, as it resumes' if mode == 'resuming' else ''}")
     head = {"compiling": "compiling", "resuming": "resuming the interrupted build of",
             "adding to": "adding to the build of"}[mode]
     print(f"gptoss build: {head} llama.cpp {commit()[:10]} (llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}) "
