@@ -31,11 +31,13 @@ DEMO_DATASET = "demo_harmony.jsonl"
 QUESTION_ROW = 0
 # What `--demo` passes to `gptoss train` (the flags a user would type; printed as that command).
 # Tuned on 2 CPU cores so that the tiny fixture answers every demo row: every row in each step,
-# a high learning rate for LoRA (the base weights are random), no warm-up, one checkpoint.
+# a high learning rate for LoRA (the base weights are random), no warm-up, one checkpoint. LoRA
+# does not train the random lm_head, which keeps the loss near 7 (ln of the 201k vocabulary is
+# 12.2) even once every answer is the top token; the loss monitor's targets say so.
 DEMO_TRAIN_FLAGS: dict[str, Any] = {
     "profile": "quick_test", "max_steps": 60, "batch_size": 4, "grad_accum": 1, "learning_rate": 5e-3,
     "rank": 16, "lora_alpha": 32, "warmup_steps": 0, "save_steps": 60, "gradient_checkpointing": "off",
-    "device": "cpu", "seed": 0, "reasoning_effort": "low",
+    "device": "cpu", "seed": 0, "reasoning_effort": "low", "loss_target": 7.5, "underfit_above": 8.0,
 }
 SUMMARY_FILE = "pipeline_summary.json"
 SUMMARY_SCHEMA_VERSION = 2
@@ -169,6 +171,102 @@ def serve_command(backend: str, model: str, *, quant: str | None = None) -> list
     return cmd + (["--quant", quant] if quant else [])
 
 
+def ensure_engine(backend: str, *, label: str) -> None:
+    """Build what the backend's engine needs before any readiness clock starts (llama.cpp, once per machine)."""
+    if backend == "llamacpp":
+        from gptoss import llamacpp
+
+        _say(f"serve ({label}): making sure llama.cpp's llama-server is built (compiled once per machine)")
+        llamacpp.tool("llama-server")
+
+
+class Server:
+    """`gptoss serve` as a child process on a free port: start, wait until ready, ask, stop."""
+
+    def __init__(self, backend: str, model: str, *, log_path: Path, label: str | None = None, quant: str | None = None):
+        self.backend, self.model, self.quant, self.log_path = backend, model, quant, log_path
+        self.label = label or backend
+        self.args = serve_command(backend, model, quant=quant)
+        self.by_hand = "gptoss " + shlex.join(self.args)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.ready_seconds = 0.0
+
+    def failed(self, what: str) -> PipelineError:
+        return PipelineError(f"serve ({self.label}): {what}.\nLast lines of {self.log_path}:\n{_tail(self.log_path)}\n"
+                             f"To see it yourself, run: {self.by_hand}")
+
+    def start(self) -> "Server":
+        """Start the child (the engine must already exist: see ensure_engine)."""
+        with self.log_path.open("w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "gptoss", *self.args, "--port", str(self.port)],
+                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.started = time.monotonic()
+        _say(f"serve ({self.label}): started `{self.by_hand}` on port {self.port} (log: {self.log_path})")
+        return self
+
+    def wait_ready(self, timeout: float) -> float:
+        """Seconds from start until /health said 200; the clock started when the child did."""
+        _say(f"serve ({self.label}): waiting up to {timeout:.0f} s (from its start) for {self.url}/health to say "
+             "the model is loaded")
+        while not self.poll_ready(timeout):
+            time.sleep(0.5)  # polling the child's health endpoint
+        return self.ready_seconds
+
+    def poll_ready(self, timeout: float) -> bool:
+        """One look at /health: True once ready; raises if the child died or ``timeout`` passed since its start."""
+        import httpx
+
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise self.failed(f"`gptoss serve` exited with {self.proc.returncode} before it was ready")
+        try:
+            if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                self.ready_seconds = round(time.monotonic() - self.started, 2)
+                return True
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() - self.started > timeout:
+            raise self.failed(f"not ready after {timeout:.0f} s of loading the model "
+                              "(the engine was already built; a slow machine may need --serve-timeout)")
+        return False
+
+    def ask(self, question: Question, *, max_tokens: int, timeout: float) -> Answer:
+        """One chat request, greedy (temperature 0, seed 0), at the question's reasoning effort."""
+        import httpx
+
+        _say(f"serve ({self.label}): ready in {self.ready_seconds:.1f} s; asking {question.user_text!r} "
+             f"(greedy, up to {max_tokens} tokens)")
+        try:
+            served_name = httpx.get(self.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+            t0 = time.perf_counter()
+            resp = httpx.post(self.url + "/v1/chat/completions", timeout=timeout, json={
+                "model": served_name, "messages": question.messages, "max_tokens": max_tokens, "temperature": 0.0,
+                "seed": 0, "reasoning_effort": question.reasoning_effort})
+        except httpx.HTTPError as e:
+            raise self.failed(f"the chat request failed ({type(e).__name__}: {e})") from None
+        seconds = time.perf_counter() - t0
+        if resp.status_code != 200:
+            raise self.failed(f"the chat request got HTTP {resp.status_code}: {resp.text[:300]}")
+        body = resp.json()
+        choice = body["choices"][0]
+        msg = choice["message"]
+        return Answer(self.label, self.backend, self.model, self.quant, msg.get("reasoning_content") or "",
+                      msg.get("content") or "", choice["finish_reason"], int(body["usage"]["completion_tokens"]),
+                      self.ready_seconds, round(seconds, 3))
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def serve_once(backend: str, model: str, *, question: Question, log_path: Path, label: str | None = None,
                quant: str | None = None, ready_timeout: float = 300.0, max_tokens: int = 48) -> Answer:
     """Start `gptoss serve`, wait for /health, ask ``question`` once (greedy, seed 0), stop the server.
@@ -176,67 +274,41 @@ def serve_once(backend: str, model: str, *, question: Question, log_path: Path, 
     The readiness clock starts only when the engine exists: llama-server is built first (once per
     machine) so that no build runs inside the wait.
     """
-    import httpx
+    server = Server(backend, model, log_path=log_path, label=label, quant=quant)
+    ensure_engine(backend, label=server.label)
+    try:
+        server.start().wait_ready(ready_timeout)
+        return server.ask(question, max_tokens=max_tokens, timeout=ready_timeout)
+    finally:
+        server.stop()
 
-    label = label or backend
-    if backend == "llamacpp":
-        from gptoss import llamacpp
 
-        _say(f"serve ({label}): making sure llama.cpp's llama-server is built (compiled once per machine)")
-        llamacpp.tool("llama-server")
-    args = serve_command(backend, model, quant=quant)
-    by_hand = "gptoss " + shlex.join(args)
-    port = _free_port()
-    cmd = [sys.executable, "-m", "gptoss", *args, "--port", str(port)]
-
-    def failed(what: str) -> PipelineError:
-        return PipelineError(f"serve ({label}): {what}.\nLast lines of {log_path}:\n{_tail(log_path)}\n"
-                             f"To see it yourself, run: {by_hand}")
-
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            _say(f"serve ({label}): started `{by_hand}` on port {port}; waiting up to {ready_timeout:.0f} s for "
-                 f"{url}/health to say the model is loaded (log: {log_path})")
-            start = time.monotonic()
-            while True:
-                if proc.poll() is not None:
-                    raise failed(f"`gptoss serve` exited with {proc.returncode} before it was ready")
-                try:
-                    if httpx.get(url + "/health", timeout=5).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() - start > ready_timeout:
-                    raise failed(f"not ready after {ready_timeout:.0f} s of loading the model "
-                                 "(the engine was already built; a slow machine may need --serve-timeout)")
-                time.sleep(0.5)  # polling the child's health endpoint
-            ready = time.monotonic() - start
-            served_name = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
-            _say(f"serve ({label}): ready in {ready:.1f} s; asking {question.user_text!r} (greedy, up to {max_tokens} tokens)")
-            t0 = time.perf_counter()
-            try:
-                resp = httpx.post(url + "/v1/chat/completions", timeout=ready_timeout, json={
-                    "model": served_name, "messages": question.messages, "max_tokens": max_tokens, "temperature": 0.0,
-                    "seed": 0, "reasoning_effort": question.reasoning_effort})
-            except httpx.HTTPError as e:
-                raise failed(f"the chat request failed ({type(e).__name__}: {e})") from None
-            seconds = time.perf_counter() - t0
-            if resp.status_code != 200:
-                raise failed(f"the chat request got HTTP {resp.status_code}: {resp.text[:300]}")
-            body = resp.json()
-            choice = body["choices"][0]
-            msg = choice["message"]
-            return Answer(label, backend, model, quant, msg.get("reasoning_content") or "", msg.get("content") or "",
-                          choice["finish_reason"], int(body["usage"]["completion_tokens"]), round(ready, 2), round(seconds, 3))
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+def ask_all(asks: list[tuple[str, str, str, str | None]], *, question: Question, logs_dir: Path, ready_timeout: float,
+            max_tokens: int) -> list[Answer]:
+    """serve_once for each (label, backend, model, quant), with every server loading at the same time
+    (the engines are built first); each is stopped once it has answered."""
+    for backend in dict.fromkeys(b for _, b, _, _ in asks):
+        ensure_engine(backend, label=next(label for label, b, _, _ in asks if b == backend))
+    servers = [Server(backend, model, log_path=logs_dir / f"serve-{label.lower().replace(' ', '-')}.log", label=label,
+                      quant=quant) for label, backend, model, quant in asks]
+    answers = []
+    try:
+        for server in servers:
+            server.start()
+        _say(f"serve: waiting up to {ready_timeout:.0f} s (from each start) for all {len(servers)} servers' /health to say "
+             "their model is loaded")
+        waiting = list(servers)
+        while waiting:
+            waiting = [server for server in waiting if not server.poll_ready(ready_timeout)]
+            if waiting:
+                time.sleep(0.5)  # polling the children's health endpoints
+        for server in servers:
+            answers.append(server.ask(question, max_tokens=max_tokens, timeout=ready_timeout))
+            server.stop()
+    finally:
+        for server in servers:
+            server.stop()
+    return answers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +324,8 @@ class PipelineSummary:
     train_command: str
     question: Question
     answers: list[Answer]
-    stages: dict[str, float]  # stage -> seconds
+    stages: dict[str, float]  # stage -> wall seconds
+    cpu_seconds: dict[str, float]  # stage -> user + system seconds (the pipeline and its children)
     schema_version: int = SUMMARY_SCHEMA_VERSION
 
     def write(self, path: Path) -> None:
@@ -296,19 +369,31 @@ def _fmt(x) -> str:
     return str(x)
 
 
+def _reference_name(reference: str) -> str:
+    """The fidelity record's reference, shortened for the table (manifest.json has it in full)."""
+    if reference.startswith("merged HF model"):
+        return "merged model (transformers)"
+    if reference.endswith("-F16.gguf"):
+        return "F16 GGUF"
+    return reference
+
+
 def artifacts_table(manifest: dict):
     """Each GGUF's size and logits fidelity, against the reference its own row names."""
     from rich.table import Table
 
-    art = Table(title="Artifacts (exports/<run>/manifest.json): fidelity of each file's logits against its reference")
-    for col in ("artifact", "quant", "size", "fallbacks", "measured against", "NMSE", "KL(ref‖file)", "top-1 same as ref", "gate"):
+    art = Table(title="GGUFs (exports/<run>/manifest.json): each file's logits against the reference in its row",
+                caption="F16 is measured against the merged model, every quant against F16; "
+                        "KL(reference‖file) of the next-token distributions; top-1: share of positions with the same top token")
+    for col in ("GGUF", "size", "fallbacks", "measured against", "NMSE", "KL", "top-1", "gate"):
         art.add_column(col)
     for a in manifest.get("artifacts", []):
         fid = a.get("fidelity") or {}
         fallbacks = a.get("fallbacks")
-        reference = fid.get("reference") or (f"not measured: {fid['skipped']}" if fid.get("skipped") else "")
+        reference = _reference_name(fid["reference"]) if fid.get("reference") else (
+            f"not measured: {fid['skipped']}" if fid.get("skipped") else "")
         gate = "" if fid.get("passed") is None else ("passed" if fid["passed"] else "FAILED")
-        art.add_row(Path(a.get("path", "?")).name, str(a.get("label") or a.get("quant") or ""), _human(int(a.get("size", 0))),
+        art.add_row(str(a.get("label") or a.get("quant") or Path(a.get("path", "?")).name), _human(int(a.get("size", 0))),
                     str(fallbacks.get("count", fallbacks) if isinstance(fallbacks, dict) else (fallbacks if fallbacks is not None else "")),
                     reference, _fmt(fid.get("nmse")), _fmt(fid.get("mean_kl")), _fmt(fid.get("top1_agreement")), gate)
     return art
@@ -317,14 +402,15 @@ def artifacts_table(manifest: dict):
 def answers_table(question: Question, answers: list[Answer]):
     from rich.table import Table
 
-    table = Table(title=f"Answers to {question.user_text!r} ({question.source}; greedy decoding, seed 0, "
+    table = Table(title=f"Answers to {question.user_text!r} ({question.source}; greedy, seed 0, "
                         f"reasoning effort {question.reasoning_effort})",
-                  caption=f"trained answer: reasoning {question.reasoning!r}, content {question.content!r}")
-    for col in ("answer from", "served by", "reasoning", "content", "vs trained answer", "vs F16 GGUF", "tokens", "tok/s"):
+                  caption=f"trained answer: reasoning {question.reasoning!r}, content {question.content!r}; "
+                          "differences counted in o200k tokens from 0")
+    for col in ("answer from", "engine", "reasoning", "content", "vs trained answer", "vs F16 GGUF"):
         table.add_column(col)
     for a in answers:
-        table.add_row(a.label, a.backend, a.reasoning, a.content, _same(a.vs_trained),
-                      "" if a.quant in (None, "f16") else _same(a.vs_f16), str(a.completion_tokens), f"{a.tokens_per_second:.1f}")
+        table.add_row(a.label, "llama.cpp" if a.backend == "llamacpp" else a.backend, a.reasoning or "(none)",
+                      a.content or "(none)", _same(a.vs_trained), "" if a.quant in (None, "f16") else _same(a.vs_f16))
     return table
 
 
@@ -346,20 +432,26 @@ def verdict(answers: list[Answer]) -> str:
     return "; ".join(parts) + "."
 
 
-def stages_table(stages: dict[str, float]):
+def stages_table(stages: dict[str, float], cpu: dict[str, float]):
     from rich.table import Table
 
-    table = Table(title="Stages (wall clock)")
-    table.add_column("stage")
-    table.add_column("seconds", justify="right")
+    table = Table(title="Stages", caption="CPU: user + system seconds of the pipeline and the processes it ran")
+    for col in ("stage", "wall s", "CPU s"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
     for name, seconds in stages.items():
-        table.add_row(name, f"{seconds:.1f}")
-    table.add_row("total", f"{sum(stages.values()):.1f}")
+        table.add_row(name, f"{seconds:.1f}", f"{cpu.get(name, 0.0):.1f}")
+    table.add_row("total", f"{sum(stages.values()):.1f}", f"{sum(cpu.values()):.1f}")
     return table
 
 
 # ---------------------------------------------------------------------------------------------
 # The pipeline
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its finished children."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _train_command(flags: dict[str, Any]) -> str:
@@ -401,13 +493,14 @@ def pipeline(*, demo: bool = False, model: str | None = None, dataset: str | Non
     for d in (models_dir, exports_dir, logs_dir):
         d.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
-    clock = time.perf_counter()
+    cpu: dict[str, float] = {}
+    clock, cpu_clock = time.perf_counter(), _cpu_seconds()
 
     def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        stages[name] = round(now - clock, 1)
-        clock = now
+        nonlocal clock, cpu_clock
+        now, cpu_now = time.perf_counter(), _cpu_seconds()
+        stages[name], cpu[name] = round(now - clock, 1), round(cpu_now - cpu_clock, 1)
+        clock, cpu_clock = now, cpu_now
 
     if demo:
         from gptoss.fixtures import fixture
@@ -445,31 +538,30 @@ def pipeline(*, demo: bool = False, model: str | None = None, dataset: str | Non
     if serve:
         console.rule(f"serve: asking {question.user_text!r} of the base model and of the fine-tune in each form")
         first_quant = quants.split(",")[0].strip().lower()
+        merged_dir = export_dir / manifest["merged"]["path"]
         asks = [("base model", "transformers", model, None), ("adapter", "transformers", str(run_dir), None),
-                ("merged model", "transformers", str(export_dir), None), ("F16 GGUF", "llamacpp", str(export_dir), "f16")]
+                ("merged model", "transformers", str(merged_dir), None), ("F16 GGUF", "llamacpp", str(export_dir), "f16")]
         if first_quant:
             asks.append((f"{first_quant.upper()} GGUF", "llamacpp", str(export_dir), first_quant))
         reference_tokens = len(_tokens(question.reasoning)) + len(_tokens(question.content))
         max_tokens = reference_tokens + 16  # the channel headers between them, and room to go on
-        for label, backend, target, quant in asks:
-            slug = label.lower().replace(" ", "-")
-            answers.append(serve_once(backend, target, question=question, label=label, quant=quant,
-                                      log_path=logs_dir / f"serve-{slug}.log", ready_timeout=serve_timeout,
-                                      max_tokens=max_tokens))
-            lap(f"serve {label}")
+        answers = ask_all(asks, question=question, logs_dir=logs_dir, ready_timeout=serve_timeout, max_tokens=max_tokens)
+        lap("serve")
         f16 = next((a for a in answers if a.quant == "f16"), None)
         for a in answers:
             a.vs_trained = difference(a.reasoning, a.content, reasoning_ref=question.reasoning, content_ref=question.content)
             if a.quant not in (None, "f16") and f16 is not None:
                 a.vs_f16 = difference(a.reasoning, a.content, reasoning_ref=f16.reasoning, content_ref=f16.content)
     out = Console()
+    if not out.is_terminal:
+        out.width = max(out.width, 120)  # a log or a pipe: room for the tables
     out.print(artifacts_table(manifest))
     if serve:
         out.print(answers_table(question, answers))
         out.print(verdict(answers))
-    out.print(stages_table(stages))
+    out.print(stages_table(stages, cpu))
     if question is None:
         question = Question([], "", "", "", "")
     PipelineSummary(run=str(run_dir), manifest=str(manifest_path), train_command=train_command, question=question,
-                    answers=answers, stages=stages).write(root / SUMMARY_FILE)
+                    answers=answers, stages=stages, cpu_seconds=cpu).write(root / SUMMARY_FILE)
     return str(manifest_path)

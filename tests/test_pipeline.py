@@ -66,6 +66,8 @@ def _check_summary(work: Path, proc: subprocess.CompletedProcess) -> pipeline.Pi
     # say what each figure is measured against (F16 against the merged model, quants against F16).
     assert "Answers to 'What is the capital of France?'" in out
     assert "vs trained answer" in out and "measured against" in out and "NMSE vs F16" not in out
+    assert re.search(r"│ F16 +│[^│\n]+│[^│\n]+│ merged model \(transformers\) +│", out), out
+    assert re.search(r"│ Q4_K_M +│[^│\n]+│[^│\n]+│ F16 GGUF +│", out), out
     fidelity = {a["quant"]: a["fidelity"] for a in manifest["artifacts"]}
     assert fidelity["f16"]["reference"].startswith("merged HF model")
     assert fidelity["q4_k_m"]["reference"].endswith("-F16.gguf")
@@ -156,7 +158,7 @@ def test_summary_round_trips_and_a_stale_one_is_refused(tmp_path):
     q = pipeline.question_from(str(pipeline.demo_dataset()), reasoning_effort="low")
     a = pipeline.Answer("adapter", "transformers", "models/x", None, q.reasoning, q.content, "stop", 12, 3.5, 0.4)
     s = pipeline.PipelineSummary(run="models/x", manifest="exports/x/manifest.json", train_command="gptoss train",
-                                 question=q, answers=[a], stages={"train": 1.0})
+                                 question=q, answers=[a], stages={"train": 1.0}, cpu_seconds={"train": 1.5})
     path = tmp_path / pipeline.SUMMARY_FILE
     s.write(path)
     assert pipeline.PipelineSummary.load(path) == s
