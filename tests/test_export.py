@@ -325,8 +325,8 @@ LLAMA_CPP_LOG_LINES = ("INFO:hf-to-gguf", "llama_model_loader", "llama_model_qua
 def _export_cli(exported, out: Path) -> list[str]:
     import sys
 
-    return [sys.executable, "-m", "gptoss", "export", "--merged", str(exported["root"] / "merged"), "--name", "tiny-run",
-            "--out", str(out), "--quants", "q8_0", "--compare-hf", "off", "--threads", "2"]
+    return [sys.executable, "-m", "gptoss", "export", "--run", str(exported["run"]), "--out", str(out), "--quants", "q8_0",
+            "--compare-hf", "off", "--threads", "2"]
 
 
 def test_export_without_a_terminal_prints_one_line_per_stage_and_no_llama_cpp_logs(exported, tmp_path):
@@ -338,9 +338,10 @@ def test_export_without_a_terminal_prints_one_line_per_stage_and_no_llama_cpp_lo
     lines = proc.stderr.splitlines()
     stages = [line for line in lines if " ... " in line]
     assert [s.split(" ... ")[0] for s in stages] == [
-        "convert tiny-run-F16.gguf", "quantize tiny-run-Q8_0.gguf", "logits of tiny-run-F16.gguf",
+        "merge", "convert tiny-run-F16.gguf", "quantize tiny-run-Q8_0.gguf", "logits of tiny-run-F16.gguf",
         "logits of tiny-run-Q8_0.gguf"]
-    assert re.search(r" \.\.\. \d+ tensors in [\d.]+ s$", stages[0]) and stages[2].endswith(" s") and "4 prompts in" in stages[2]
+    assert re.search(r"^merge \.\.\. [\d.]+ MB in [\d.]+ s$", stages[0]), stages[0]
+    assert re.search(r" \.\.\. \d+ tensors in [\d.]+ s$", stages[1]) and re.search(r" \.\.\. 4 prompts in [\d.]+ s$", stages[3])
     assert f"export tiny-run: llama.cpp's own output goes to {out / 'export.log'}" in lines
     assert not [line for line in lines if any(k in line for k in LLAMA_CPP_LOG_LINES)]
     assert "\r" not in proc.stderr
@@ -352,6 +353,7 @@ def test_export_in_a_terminal_shows_progress_bars(exported, tmp_path):
     from pty_support import run_in_terminal
 
     text = run_in_terminal(_export_cli(exported, tmp_path / "x"), env=dict(os.environ), cwd=REPO)
-    for bar in ("convert tiny-run-F16.gguf: 100%|", "quantize tiny-run-Q8_0.gguf: 100%|", "logits of tiny-run-Q8_0.gguf: 100%|"):
+    for bar in ("merge: 100%|", "convert tiny-run-F16.gguf: 100%|", "quantize tiny-run-Q8_0.gguf: 100%|",
+                "logits of tiny-run-Q8_0.gguf: 100%|"):
         assert bar in text, text[-3000:]
     assert not [k for k in LLAMA_CPP_LOG_LINES if k in text]
