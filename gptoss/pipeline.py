@@ -75,14 +75,12 @@ class Question:
         return next((m["content"] for m in reversed(self.messages) if m["role"] == "user"), "")
 
 
-def question_from(dataset: str, *, reasoning_effort: str, row: int = QUESTION_ROW) -> Question:
-    """The ``row``-th usable row of a local JSONL/Parquet dataset, read by the training stage's reader."""
+def question_from(dataset: str, *, reasoning_effort: str, split: str = "train", revision: str | None = None,
+                  row: int = QUESTION_ROW) -> Question:
+    """The ``row``-th usable row of the training data (read by the training stage's own reader)."""
     from training import data as D
 
-    source = D.resolve_source(dataset)
-    if source.kind == "hub":
-        raise PipelineError(f"--dataset {dataset}: the pipeline's question comes from the first row of a local "
-                            ".jsonl/.parquet file; pass one (the Hub dataset can be saved to JSONL with `datasets`)")
+    source = D.resolve_source(dataset, split=split, revision=revision)
     seen = 0
     for lineno, raw in D.FORMATS[source.kind](source):
         messages, effort, problem = D.check_row(raw)
@@ -284,14 +282,23 @@ def serve_once(backend: str, model: str, *, question: Question, log_path: Path, 
 
 
 def ask_all(asks: list[tuple[str, str, str, str | None]], *, question: Question, logs_dir: Path, ready_timeout: float,
-            max_tokens: int) -> list[Answer]:
-    """serve_once for each (label, backend, model, quant), with every server loading at the same time
-    (the engines are built first); each is stopped once it has answered."""
+            max_tokens: int, at_once: bool = False) -> list[Answer]:
+    """serve_once for each (label, backend, model, quant), the engines built first. ``at_once``: every
+    server loads at the same time (small models only: each holds its own copy); each is stopped once
+    it has answered."""
     for backend in dict.fromkeys(b for _, b, _, _ in asks):
         ensure_engine(backend, label=next(label for label, b, _, _ in asks if b == backend))
     servers = [Server(backend, model, log_path=logs_dir / f"serve-{label.lower().replace(' ', '-')}.log", label=label,
                       quant=quant) for label, backend, model, quant in asks]
     answers = []
+    if not at_once:
+        for server in servers:
+            try:
+                server.start().wait_ready(ready_timeout)
+                answers.append(server.ask(question, max_tokens=max_tokens, timeout=ready_timeout))
+            finally:
+                server.stop()
+        return answers
     try:
         for server in servers:
             server.start()
@@ -517,12 +524,15 @@ def pipeline(*, demo: bool = False, model: str | None = None, dataset: str | Non
 
     import training
     from exporters.export import export_run
+    from training.config import build_config
 
     flags: dict[str, Any] = dict(DEMO_TRAIN_FLAGS) if demo else {"profile": profile}
     if max_steps is not None:
         flags["max_steps"] = max_steps
     flags.update(model=model, dataset=dataset, output_dir=str(models_dir))
-    question = question_from(dataset, reasoning_effort=flags.get("reasoning_effort") or "medium") if serve else None
+    cfg = build_config(flags)  # every flag problem now, before any stage runs
+    question = question_from(cfg.dataset, reasoning_effort=cfg.reasoning_effort, split=cfg.dataset_split,
+                             revision=cfg.dataset_revision) if serve else None
     train_command = _train_command(flags)
     console.rule("train")
     _say(f"train: {train_command}")
@@ -545,7 +555,8 @@ def pipeline(*, demo: bool = False, model: str | None = None, dataset: str | Non
             asks.append((f"{first_quant.upper()} GGUF", "llamacpp", str(export_dir), first_quant))
         reference_tokens = len(_tokens(question.reasoning)) + len(_tokens(question.content))
         max_tokens = reference_tokens + 16  # the channel headers between them, and room to go on
-        answers = ask_all(asks, question=question, logs_dir=logs_dir, ready_timeout=serve_timeout, max_tokens=max_tokens)
+        answers = ask_all(asks, question=question, logs_dir=logs_dir, ready_timeout=serve_timeout, max_tokens=max_tokens,
+                          at_once=demo)
         lap("serve")
         f16 = next((a for a in answers if a.quant == "f16"), None)
         for a in answers:

@@ -136,9 +136,13 @@ def test_every_demo_row_renders_as_harmony_with_reasoning_and_a_short_answer():
     assert len({r["messages"][-1]["content"] for r in rows}) == len(rows)  # distinct answers
 
 
-def test_question_from_a_hub_dataset_is_refused_with_what_to_pass():
-    with pytest.raises(pipeline.PipelineError, match=r"--dataset org/name: .*local \.jsonl/\.parquet"):
-        pipeline.question_from("org/name", reasoning_effort="low")
+def test_question_row_with_a_tool_call_answer_is_refused_naming_the_row(tmp_path):
+    rows = tmp_path / "calls.jsonl"
+    call = {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                                 "function": {"name": "get_weather", "arguments": "{}"}}]}
+    rows.write_text(json.dumps({"messages": [{"role": "user", "content": "Weather?"}, call]}) + "\n")
+    with pytest.raises(pipeline.PipelineError, match=rf"{rows} row 1: the question row's answer is a tool call"):
+        pipeline.question_from(str(rows), reasoning_effort="low")
 
 
 def test_difference_names_the_part_and_the_first_differing_token():
