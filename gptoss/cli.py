@@ -38,6 +38,8 @@ COMMANDS = {
     "pipeline": "gptoss.pipeline:pipeline",
     "cache": "hfcache:cache",
     "build": "gptoss.llamacpp:build",
+    "chat": "chat:chat",
+    "ui": "chat:ui",
 }
 
 # One example per command, shown in its help and in the error for a missing argument (each passes
@@ -51,6 +53,8 @@ EXAMPLES = {
     "publish": "gptoss publish --run exports/my-run --repo-id ORG/NAME-GGUF --what gguf",
     "serve": "gptoss serve --backend llamacpp --model exports/my-run --quant q4_k_m",
     "pipeline": "gptoss pipeline --demo --work demo",
+    "chat": 'gptoss chat "What is the capital of France?" --reasoning low',
+    "ui": "gptoss ui --url http://127.0.0.1:8000/v1",
 }
 
 SUMMARY = "Fine-tune, merge, export, serve and publish gpt-oss-20b."
@@ -334,7 +338,9 @@ def _unknown_command(word: str) -> str:
                 pass
         return (f"a command comes before {word}" + (f" (did you mean {' or '.join(having)}?)" if having else "")
                 + "; `gptoss --help` lists the commands")
-    close = difflib.get_close_matches(word, list(COMMANDS), n=1)
+    # difflib misses two swapped letters in a short name (`iu` for `ui`)
+    close = difflib.get_close_matches(word, list(COMMANDS), n=1) or [
+        c for c in COMMANDS if sorted(c) == sorted(word) and sum(x != y for x, y in zip(c, word)) == 2][:1]
     return (f"unknown command {word!r}" + (f" (did you mean {close[0]}?)" if close else "")
             + f"; the commands are {', '.join(COMMANDS)}")
 

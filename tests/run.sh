@@ -11,6 +11,7 @@ command -v dockerd >/dev/null 2>&1 || need_pkgs+=(docker.io)
 command -v debootstrap >/dev/null 2>&1 || need_pkgs+=(debootstrap)
 command -v go >/dev/null 2>&1 || need_pkgs+=(golang-go)
 command -v cmake >/dev/null 2>&1 || need_pkgs+=(cmake)
+command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)  # the chat page's browser tests (Playwright)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "tests/run.sh: missing ${need_pkgs[*]}; install them (apt-get install ${need_pkgs[*]}) or run as root" >&2

@@ -22,7 +22,7 @@ def test_command_table_matches_readme():
 
 
 def test_commands_live_in_stage_folders():
-    stage_modules = ("gptoss.fixtures", "gptoss.pipeline", "training", "exporters", "modelfiles", "serving", "hfcache", "gptoss.llamacpp")
+    stage_modules = ("gptoss.fixtures", "gptoss.pipeline", "training", "exporters", "modelfiles", "serving", "hfcache", "gptoss.llamacpp", "chat")
     for name in COMMANDS:
         fn = resolve(name)
         assert fn.__module__.startswith(stage_modules), f"{name} -> {fn.__module__}"
