@@ -2,6 +2,7 @@
 # Regenerates docker/locks/*.txt: the exact versions each image installs (pip -r), from pyproject.toml.
 #   export.txt  core + export extra (CPU torch comes from TORCH_CPU_INDEX or the wheelhouse)
 #   serve.txt   core + serve extra (no torch: serve-cpu and serve-llamacpp)
+#   chat.txt    core + chat extra (no torch: the ui image)
 #   train.txt   core + train + serve + unsloth extras for the CUDA images (train, serve-unsloth): resolved
 #               for their Python (3.12, Ubuntu 24.04) against the CUDA torch pinned in docker/Dockerfile
 #               (TORCH_VERSION, also in cuda-constraints.txt), which the lock leaves out (the image installs it)
@@ -23,6 +24,7 @@ compile() {
 }
 compile export.txt --extra export
 compile serve.txt --extra serve
+compile chat.txt --extra chat
 # train and serve-unsloth install the CUDA torch pinned in docker/Dockerfile, so torch is left out;
 # resolved against docker/locks/cuda-constraints.txt (that torch, and the torchao that works with it).
 # PyPI's Linux torch of that version is the CUDA build, so no extra index is needed to resolve.

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.docker
 def test_compose_config_is_valid_and_complete():
     cfg = compose_config()
     services = cfg["services"]
-    assert set(services) == {"train", "export", "publish", "serve-llamacpp", "serve-unsloth", "serve-cpu"}
+    assert set(services) == {"train", "export", "publish", "serve-llamacpp", "serve-unsloth", "serve-cpu", "ui"}
     assert services["train"]["profiles"] == ["train"]
     assert services["train"]["ipc"] == "host" and services["train"]["ulimits"]["memlock"] == -1
     for name in ("serve-llamacpp", "serve-cpu"):
@@ -51,3 +51,18 @@ def test_each_stage_reads_where_the_one_before_writes():
         assert _flag(services[name]["command"], "--model") == exports_latest
     assert _flag(services["publish"]["command"], "--run") == exports_latest
     assert _flag(services["serve-unsloth"]["command"], "--model") == "/work/models/latest"
+
+
+def test_ui_points_at_a_serve_service_by_name_and_keeps_the_key_in_the_environment():
+    """`docker compose up ui` brings export and serve-cpu with it; the page is on loopback; the key comes
+    only from the environment (into the ui process, never into the page)."""
+    services = compose_config({"GPTOSS_API_KEY": "sk-from-env"})["services"]
+    ui = services["ui"]
+    assert _flag(ui["command"], "--url") == "http://serve-cpu:8000/v1"
+    assert ui["depends_on"]["serve-cpu"]["condition"] == "service_healthy"
+    assert "ui" in services["serve-cpu"]["profiles"] and "ui" in services["export"]["profiles"]
+    assert [(p["host_ip"], p["target"]) for p in ui["ports"]] == [("127.0.0.1", 7860)]
+    assert ui["environment"] == {"GPTOSS_API_KEY": "sk-from-env"}
+    assert "healthcheck" in ui and ui["build"]["target"] == "ui"
+    other = compose_config({"UI_SERVE_URL": "http://serve-llamacpp:8000/v1"})["services"]["ui"]
+    assert _flag(other["command"], "--url") == "http://serve-llamacpp:8000/v1"
