@@ -130,23 +130,6 @@ class TransformersBackend(Backend):
         return {**super().info(), "engine": self.engine}
 
 
-def _is_split_4bit(model: str) -> bool:
-    """Unsloth's split bnb-4bit layout (a local folder, or a Hub id in the cache or known by name)."""
-    from gptoss import layouts
-
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(model, "config.json")
-        except Exception:  # not a valid repo id: nothing cached under it
-            cached = None
-        if not isinstance(cached, str):
-            return model in layouts.SIXTEEN_BIT_ORIGINALS
-        path = Path(cached).parent
-    return layouts.describe(path)["layout"] == layouts.SPLIT
-
     async def stop(self) -> None:
         self.ready = False
         self.model = None
@@ -212,3 +195,21 @@ def _is_split_4bit(model: str) -> bool:
             cancelled.set()  # client gone or done: stop the generation thread at its next step
             with anyio.CancelScope(shield=True):  # hold the slot until the thread has really stopped
                 await asyncio.to_thread(thread.join)
+
+
+def _is_split_4bit(model: str) -> bool:
+    """Unsloth's split bnb-4bit layout (a local folder, or a Hub id in the cache or known by name)."""
+    from gptoss import layouts
+
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")
+        except Exception:  # not a valid repo id: nothing cached under it
+            cached = None
+        if not isinstance(cached, str):
+            return model in layouts.SIXTEEN_BIT_ORIGINALS
+        path = Path(cached).parent
+    return layouts.describe(path)["layout"] == layouts.SPLIT
