@@ -99,6 +99,7 @@ class StreamView:
 
     def __init__(self, show_thinking: bool):
         self.show_thinking = show_thinking
+        self.started = time.monotonic()
         self.reasoning = ""
         self.content = ""
         self.calls: list[dict] = []
@@ -107,6 +108,8 @@ class StreamView:
         from rich.text import Text
 
         text = Text()
+        if not (self.reasoning or self.content or self.calls):
+            text.append(f"waiting for the answer... {time.monotonic() - self.started:.0f} s (Ctrl-C stops it)", style="dim")
         if self.reasoning and self.show_thinking:
             text.append(self.reasoning, style="dim")
         elif self.reasoning and not self.content:
@@ -144,6 +147,9 @@ class Session:
             self.messages.append({"role": "user", "content": line})
         try:
             self.ask()
+        except Cancelled as e:
+            self._restore(saved)
+            self.notice(str(e))
         except ContextFull as e:
             self._restore(saved)
             self.error(f"{e}. /clear starts a new conversation (/save FILE first to keep this one).")
@@ -163,7 +169,8 @@ class Session:
         events = self.conn.stream(self.messages, self.settings, tools=self.tools, notice=self.notice)
         shown = 0.0
         try:
-            with Live(view, console=self.console, transient=True, auto_refresh=False) as live:
+            # Auto-refresh keeps the waiting line ticking; each piece is also drawn as it comes (below).
+            with Live(view, console=self.console, transient=True, refresh_per_second=2) as live:
                 for kind, value in events:
                     if kind == "done":
                         reply = value
@@ -362,10 +369,7 @@ def repl(session: Session) -> None:
             if not session.command(line):
                 return
             continue
-        try:
-            session.say(line)
-        except Cancelled as e:
-            c.print(f"[dim]{e}[/]")
+        session.say(line)
 
 
 def one_shot(conn: Connection, settings: Settings, question: str, *, tools: list[dict] | None, show_thinking: bool,

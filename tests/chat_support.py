@@ -67,15 +67,16 @@ class Terminal:
         """Everything written, escape sequences removed (the streamed frames included)."""
         return ANSI.sub(b"", bytes(self.raw)).decode(errors="replace")
 
-    def wait_for(self, pattern: str, timeout: float = 120.0) -> re.Match:
-        """Wait until ``pattern`` (a regex) is on screen after the mark; the mark moves past it."""
+    def wait_for(self, pattern: str, timeout: float = 120.0, *, transient: bool = False) -> re.Match:
+        """Wait until ``pattern`` (a regex) is on screen after the mark; the mark moves past it, unless it is in
+        a ``transient`` view (redrawn, then erased: later text may take its place)."""
         regex = re.compile(pattern, re.M)
         deadline = time.monotonic() + timeout
         while True:
             text = self.text()
             m = regex.search(text, self.mark)
             if m:
-                self.mark = m.end()
+                self.mark = self.mark if transient else m.end()
                 return m
             if time.monotonic() > deadline or not self._pump(min(1.0, max(0.05, deadline - time.monotonic()))):
                 if m is None and not self.child.isalive():

@@ -93,8 +93,8 @@ def _closed_port_url() -> str:
 def test_a_streamed_answer_with_its_thinking_and_stats(term):
     t = term()
     t.type_line(GREETING)
+    t.at_prompt()  # the answer is complete: the streamed view was replaced by the final render
     t.wait_for(re.escape(sup.GREETING_ANSWER))
-    t.at_prompt()  # the streamed view is replaced by the final render before the next prompt
     screen = t.text()
     # the final render: the analysis in a "thinking" panel above the answer
     assert re.search(r"╭─ thinking ─+╮\n│ " + re.escape(sup.GREETING_REASONING), screen), screen
@@ -110,8 +110,8 @@ def test_a_streamed_answer_with_its_thinking_and_stats(term):
     t.type_line("/think off")
     t.wait_for("thinking hidden")
     t.type_line(GREETING)
+    t.at_prompt()  # the answer is complete
     t.wait_for(re.escape(sup.GREETING_ANSWER))
-    t.at_prompt()
     last_turn = t.text()[t.text().rindex("> " + GREETING):]
     assert sup.GREETING_REASONING not in last_turn and "thinking" not in last_turn
     t.type_line("/exit")
@@ -121,12 +121,14 @@ def test_a_streamed_answer_with_its_thinking_and_stats(term):
 def test_reasoning_effort_reaches_the_rendered_prompt(term):
     t = term()
     t.type_line(GREETING)
+    t.at_prompt()  # the answer is complete
     t.wait_for(re.escape(sup.GREETING_ANSWER))
     t.type_line("/prompt")
     t.wait_for(r"^Reasoning: medium$")
     t.type_line("/reasoning high")
     t.wait_for("^reasoning high$")
     t.type_line(GREETING)
+    t.at_prompt()  # the answer is complete
     t.wait_for(re.escape(sup.GREETING_ANSWER))
     t.type_line("/prompt")
     t.wait_for(r"^<\|start\|>system<\|message\|>")
@@ -142,6 +144,7 @@ def test_reasoning_effort_reaches_the_rendered_prompt(term):
 def test_save_then_load_continues_the_conversation(term, tmp_path):
     t = term()
     t.type_line(GREETING)
+    t.at_prompt()  # the answer is complete
     t.wait_for(re.escape(sup.GREETING_ANSWER))
     t.type_line("/settings system You are terse.")  # after the answer: the model was taught without one
     t.type_line("/save saved.json")
@@ -175,6 +178,7 @@ def test_a_full_context_says_so_and_offers_clear(term, tmp_path):
     t = term()
     long_line = "word " * 1200  # over the server's --ctx 1024
     t.type_line(long_line.strip())
+    t.at_prompt()
     t.wait_for(r"error: the conversation no longer fits the server's context: the prompt has \d+ tokens but the context is "
                r"1024 tokens")
     t.wait_for(r"/clear starts a new conversation")
@@ -182,6 +186,7 @@ def test_a_full_context_says_so_and_offers_clear(term, tmp_path):
     t.wait_for("saved 0 messages")
     assert json.loads((tmp_path / "after.json").read_text()) == []
     t.type_line(GREETING)  # and the chat goes on
+    t.at_prompt()
     t.wait_for(re.escape(sup.GREETING_ANSWER))
     t.type_line("/exit")
     assert t.exit_code() == 0
@@ -191,9 +196,11 @@ def test_tool_calls_are_shown_and_their_results_typed_in(term, tmp_path):
     (tmp_path / "tools.json").write_text(json.dumps([sup.WEATHER_TOOL]))
     t = term("--tools", "tools.json")
     t.type_line(sup.WEATHER_QUESTION[0]["content"])
+    t.at_prompt("result of get_weather> ")
     t.wait_for(r"╭─ tool call ─+╮\n│ get_weather\(\{\"city\": \"Paris\"\}\)")
     t.wait_for(r"type the result of get_weather")
     t.type_line(sup.WEATHER_RESULT, label="result of get_weather> ")
+    t.at_prompt()
     t.wait_for(re.escape(sup.WEATHER_ANSWER))
     t.type_line("/save weather.json")
     t.wait_for("saved 4 messages")
@@ -429,3 +436,25 @@ def test_the_page_exports_and_imports_a_conversation(browser_page, tmp_path):
     page.get_by_text("Prompt the server rendered").click()
     prompt = page.locator("#server-prompt-text textarea").input_value()
     assert "You are terse." in prompt and prompt.index("Say hello.") < prompt.index("Say hello again.")
+
+
+def test_ctrl_c_stops_an_answer_and_frees_the_server(one_slot_server, tmp_path):
+    """An answer that would run for minutes: Ctrl-C drops it, the server's only slot is free again, the chat goes on."""
+    t = Terminal("chat", "--url", one_slot_server.url + "/v1", "--max-tokens", "3000", env=chat_env(tmp_path), cwd=tmp_path)
+    try:
+        t.type_line("Go on.")
+        t.wait_for(r"waiting for the answer\.\.\. [1-9]\d* s \(Ctrl-C stops it\)", transient=True)
+        assert httpx.get(one_slot_server.url + "/health", timeout=30).json()["running"] == 1
+        t.child.sendintr()
+        t.at_prompt()
+        t.wait_for("^stopped; the answer was dropped$")
+        deadline = time.monotonic() + 60
+        while httpx.get(one_slot_server.url + "/health", timeout=30).json()["running"]:
+            assert time.monotonic() < deadline, "the server still generates for the dropped answer"
+            time.sleep(0.1)  # polling the server's state
+        t.type_line("/stats")
+        t.wait_for("no answer yet")
+        t.type_line("/exit")
+        assert t.exit_code() == 0
+    finally:
+        t.close()
