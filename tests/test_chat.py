@@ -118,7 +118,7 @@ def test_a_streamed_answer_with_its_thinking_and_stats(term):
     assert t.exit_code() == 0
 
 
-def test_reasoning_effort_reaches_the_rendered_prompt(term):
+def test_reasoning_effort_reaches_the_rendered_prompt(term, tmp_path):
     t = term()
     t.type_line(GREETING)
     t.at_prompt()  # the answer is complete
@@ -137,8 +137,15 @@ def test_reasoning_effort_reaches_the_rendered_prompt(term):
     assert after_last(t, "> /prompt").count("<|start|>user<|message|>Say hello.<|end|>") == 2
     t.type_line("/reasoning extreme")
     t.wait_for(r"error: /reasoning extreme: say low, medium or high")
+    # line editing and history: Up brings back the last line, Ctrl-U clears it
+    t.at_prompt()
+    t.child.send("\x1b[A")
+    t.wait_for(r"^> /reasoning extreme$")
+    t.child.send("\x15")
     t.child.sendeof()
     assert t.exit_code() == 0
+    history = (tmp_path / "home" / ".local" / "state" / "gptoss" / "chat_history").read_text()
+    assert [line[1:] for line in history.splitlines() if line.startswith("+")][-2:] == ["/prompt", "/reasoning extreme"]
 
 
 def test_save_then_load_continues_the_conversation(term, tmp_path):
