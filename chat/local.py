@@ -2,6 +2,7 @@
 
 Started as a user would (``python -m gptoss serve ...`` on a free loopback port, its output in a
 log file), waited for through /health like any server, stopped on exit (SIGTERM, then SIGKILL).
+The log is removed after a clean stop and kept when the server failed (the error names it).
 """
 
 from __future__ import annotations
@@ -67,17 +68,19 @@ class LocalServer:
         fd, log = tempfile.mkstemp(prefix="gptoss-chat-serve-", suffix=".log")
         self.log_path = Path(log)
         self._log = os.fdopen(fd, "wb")
+        self.failed = False
         self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True,  # Ctrl-C in the chat is the chat's, not the server's
                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
     def describe(self) -> str:
-        return f"gptoss serve --backend {self.backend} (log: {self.log_path})"
+        return f"gptoss serve --backend {self.backend} on 127.0.0.1:{self.port} (log: {self.log_path})"
 
     def check_running(self) -> None:
         """Raises with the end of its log when the server exited."""
         code = self.proc.poll()
         if code is not None:
+            self.failed = True
             tail = self.log_path.read_text(errors="replace").strip().splitlines()[-15:]
             raise ChatError(f"the local server exited with {code} before it was ready; its log {self.log_path} ends:\n"
                             + "\n".join(tail) + f"\n(command: {' '.join(self.command)})")
@@ -90,7 +93,10 @@ class LocalServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+                self.failed = True
         self._log.close()
+        if not self.failed and self.proc.returncode in (0, -signal.SIGTERM):
+            self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "LocalServer":
         return self

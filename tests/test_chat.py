@@ -261,15 +261,21 @@ def test_model_starts_a_local_server_and_stops_it(harmony_models, tmp_path):
     out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, err
     assert out == sup.GREETING_ANSWER + "\n"
-    m = re.search(r"starting gptoss serve --backend llamacpp \(log: (\S+)\)", err)
+    m = re.search(r"starting gptoss serve --backend llamacpp on 127\.0\.0\.1:(\d+) \(log: (\S+)\)", err)
     assert m, err
-    log = Path(m[1]).read_text()
-    port = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", log)
-    assert port and "Shutting down" in log  # it was told to stop, and did
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"http://127.0.0.1:{port[1]}/health", timeout=5)
+    with pytest.raises(httpx.ConnectError):  # stopped with the chat
+        httpx.get(f"http://127.0.0.1:{m[1]}/health", timeout=5)
+    assert not Path(m[2]).exists()  # a clean stop leaves no log behind
     missing = _run_chat(GREETING, "--model", str(tmp_path / "nope.gguf"), cwd=tmp_path)
     assert missing.returncode == 2 and "--model" in missing.stderr and "does not exist" in missing.stderr
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 64)  # a GGUF header with nothing behind it
+    failed = _run_chat(GREETING, "--model", str(broken), cwd=tmp_path)
+    assert failed.returncode == 2 and failed.stdout == ""
+    m = re.search(r"gptoss: error: the local server exited with \d+ before it was ready; its log (\S+) ends:", failed.stderr)
+    assert m and Path(m[1]).is_file(), failed.stderr  # kept: it says why
+    Path(m[1]).unlink()
+    assert f"(command: {sys.executable} -m gptoss serve --backend llamacpp --model {broken}" in failed.stderr
 
 
 @pytest.fixture(scope="module")
