@@ -19,20 +19,20 @@ from pathlib import Path
 from typing import Literal
 
 from gptoss.latest import LATEST, switch_latest
+from gptoss.records import GGUFArtifact, Manifest, MergedFolder, TrainingInfo
 
 from exporters import fidelity as fid
 from exporters import gguf as gg
 from exporters.gguf import QuantizeBackend
 from exporters import records
 from exporters.errors import DiskSpaceError, ExportStageError, MissingFilesError
-from exporters.merge import MERGE_RECORD, MergePlan, prepare_merge, run_merge
+from exporters.merge import MergePlan, merge_record, prepare_merge, run_merge
 from exporters.quants import Quant, get_quant, parse_quants
 from exporters.runs import GGUF_DIR, MERGED_DIR, MergeInto, export_root, resolve_inputs
 
 CompareHF = Literal["auto", "on", "off"]
-MANIFEST = "manifest.json"
+MANIFEST = Manifest.FILE
 LOG = "export.log"  # llama.cpp's output (converter, quantizer, fidelity runs), appended per export
-MANIFEST_FORMAT = 1
 RECORDS_DIR = ".records"
 ARTIFACT_FORMAT = 1
 DISK_MARGIN = 1.05
@@ -41,7 +41,7 @@ DISK_MARGIN = 1.05
 @dataclasses.dataclass
 class ExportResult:
     manifest_path: Path
-    manifest: dict
+    manifest: dict  # manifest.json as written (Manifest.to_dict())
 
 
 def _mem_available() -> int | None:
@@ -62,9 +62,9 @@ def write_modelfile(gguf_path: Path, merged_dir: Path) -> Path | None:
 
 
 def _merged_identity(merged_dir: Path) -> dict:
-    rec = records.read_json(merged_dir / MERGE_RECORD)
-    if rec and rec.get("identity"):
-        return {"merge_identity": rec["identity"]}
+    rec = merge_record(merged_dir)
+    if rec is not None:
+        return {"merge_identity": rec.identity}
     files = sorted(p for p in merged_dir.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json"))
     return {"files": {p.name: records.file_digest(p) for p in files}}
 
@@ -184,7 +184,7 @@ def export_run(run: str | None = None, *, quants="q4_k_m,q5_k_m", also="", merge
         merged_dir = root / MERGED_DIR
         mp = prepare_merge(inputs, merged_dir, dtype="bfloat16", max_shard_size=max_shard_size)
         inputs_desc = {"run": str(inputs.run_dir) if inputs.run_dir else None,
-                       "training_info": (records.file_digest(inputs.run_dir / "training_info.json")
+                       "training_info": (records.file_digest(TrainingInfo.file_in(inputs.run_dir))
                                          if inputs.run_dir else None),
                        **mp.inputs_record}
     if out is None and root.name == LATEST:
@@ -343,45 +343,44 @@ def export_run(run: str | None = None, *, quants="q4_k_m,q5_k_m", also="", merge
         r = p["record"]
         modelfile = write_modelfile(p["path"], merged_dir)
         modelfile_digest = records.file_digest(modelfile) if modelfile else {}
-        artifacts.append({
-            "kind": "gguf",
-            "path": os.path.relpath(p["path"], root),
-            "quant": r["quant"], "label": r["label"],
-            "sha256": r["file"]["sha256"], "size": r["file"]["size"],
-            "nominal_type": r["nominal_type"], "tensor_count": r["tensor_count"], "tensor_types": r["tensor_types"],
-            "tensor_type_bytes": r["tensor_type_bytes"],
-            "fallbacks": r["fallbacks"], "fallback_tensors": r["fallback_tensors"],
-            "quantizable_weights": r["quantizable_weights"],
-            "off_nominal_weights": r["off_nominal_weights"], "off_nominal_weight_types": r["off_nominal_weight_types"],
-            "chat_template": r["chat_template"],
-            "fidelity": r["fidelity"],
-            "tool": r["tool"], "elapsed_s": r["elapsed_s"], "peak_rss_bytes": r["peak_rss_bytes"],
-            "skipped": not p["redo"],
-            "modelfile": os.path.relpath(modelfile, root) if modelfile else None,
-            "modelfile_sha256": modelfile_digest.get("sha256"), "modelfile_size": modelfile_digest.get("size"),
-        })
+        artifacts.append(GGUFArtifact(
+            kind="gguf",
+            path=os.path.relpath(p["path"], root),
+            quant=r["quant"], label=r["label"],
+            sha256=r["file"]["sha256"], size=r["file"]["size"],
+            nominal_type=r["nominal_type"], tensor_count=r["tensor_count"], tensor_types=r["tensor_types"],
+            tensor_type_bytes=r["tensor_type_bytes"],
+            fallbacks=r["fallbacks"], fallback_tensors=r["fallback_tensors"],
+            quantizable_weights=r["quantizable_weights"],
+            off_nominal_weights=r["off_nominal_weights"], off_nominal_weight_types=r["off_nominal_weight_types"],
+            chat_template=r["chat_template"],
+            fidelity=r["fidelity"],
+            tool=r["tool"], elapsed_s=r["elapsed_s"], peak_rss_bytes=r["peak_rss_bytes"],
+            skipped=not p["redo"],
+            modelfile=os.path.relpath(modelfile, root) if modelfile else None,
+            modelfile_sha256=modelfile_digest.get("sha256"), modelfile_size=modelfile_digest.get("size"),
+        ))
     merged_files = []
     for f in sorted(merged_dir.iterdir()):
         if f.is_file():
             merged_files.append({"path": os.path.relpath(f, root) if f.is_relative_to(root) else str(f),
                                  **{k: v for k, v in records.file_digest(f).items() if k != "mtime_ns"}})
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "run": stem,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "inputs": inputs_desc,
-        "merged": {"path": os.path.relpath(merged_dir, root) if merged_dir.is_relative_to(root) else str(merged_dir),
-                   "identity": merged_ident, "files": merged_files, **steps},
-        "tools": {"llama_cpp_commit": commit, "llama_cpp_python": llamacpp.LLAMA_CPP_PYTHON_VERSION,
-                  "converter": "convert_hf_to_gguf.py (vendored in llama-cpp-python sdist)", **versions},
-        "commands": {"export": cli_command, "steps": commands},
-        "fidelity_prompts": {"count": len(fid.PROMPTS), "sha256": prompt_digest} if fidelity else None,
-        "artifacts": artifacts,
-    }
-    records.write_json_atomic(manifest_path, manifest)
+    manifest = Manifest(
+        run=stem,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        inputs=inputs_desc,
+        merged=MergedFolder(path=os.path.relpath(merged_dir, root) if merged_dir.is_relative_to(root) else str(merged_dir),
+                            identity=merged_ident, files=merged_files, merge=steps.get("merge")),
+        tools={"llama_cpp_commit": commit, "llama_cpp_python": llamacpp.LLAMA_CPP_PYTHON_VERSION,
+               "converter": "convert_hf_to_gguf.py (vendored in llama-cpp-python sdist)", **versions},
+        commands={"export": cli_command, "steps": commands},
+        fidelity_prompts={"count": len(fid.PROMPTS), "sha256": prompt_digest} if fidelity else None,
+        artifacts=artifacts,
+    )
+    manifest.write(manifest_path)
     if out is None:
         switch_latest(root)
-    return ExportResult(manifest_path, manifest)
+    return ExportResult(manifest_path, manifest.to_dict())
 
 
 def _print_report(manifest: dict, stream) -> None:

@@ -13,6 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
+from gptoss.records import TrainingInfo
+
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
@@ -43,15 +45,14 @@ def make_run(base_dir: str | Path, run_dir: str | Path, *, r: int = 4, alpha: in
     adapter_dir = run_dir / "adapter"
     peft_model.save_pretrained(str(adapter_dir))
     AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(adapter_dir))
-    info = {
-        "run": run_dir.name,
-        "base_model": base_model or str(Path(base_dir).absolute()),
-        "base_model_revision": None,
-        "backend": "fixture",
-        "note": "seeded random LoRA from exporters.fixtures.make_run (not trained)",
-        "lora": {"r": r, "lora_alpha": alpha, "target_modules": ATTENTION, "target_parameters": EXPERTS if experts else []},
-    }
-    (run_dir / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    TrainingInfo(
+        run=run_dir.name,
+        base_model=base_model or str(Path(base_dir).absolute()),
+        base_model_revision=None,
+        backend="fixture",
+        note="seeded random LoRA from exporters.fixtures.make_run (not trained)",
+        lora={"r": r, "lora_alpha": alpha, "target_modules": ATTENTION, "target_parameters": EXPERTS if experts else []},
+    ).write(run_dir)
     return run_dir
 
 

@@ -25,9 +25,9 @@ from exporters.errors import AdapterMismatchError, DiskSpaceError, ExportStageEr
 from exporters.runs import MERGED_DIR, MergeInputs, MergeInto, export_root, resolve_inputs
 from exporters.safetensors_stream import Entry, ShardWriter, plan_shards, torch_dtype
 from gptoss import layouts
+from gptoss.records import MergeInfo, RecordError
 
-MERGE_RECORD = "merge_info.json"
-RECORD_FORMAT = 1
+MERGE_RECORD = MergeInfo.FILE
 DTYPES = {"bfloat16": "BF16", "bf16": "BF16", "float16": "F16", "fp16": "F16", "float32": "F32", "fp32": "F32"}
 FOUR_BIT = ("4bit", "4-bit", "int4", "nf4", "fp4", "mxfp4", "bnb-4bit", "bnb4", "q4", "q4_0", "q4_k_m")
 FOUR_BIT_REASON = (
@@ -44,7 +44,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*$", re.I)
 class MergeResult:
     merged_dir: Path
     skipped: bool
-    record: dict
+    record: dict  # merge_info.json as written (MergeInfo.to_dict())
 
 
 def parse_size(text: str | int) -> int:
@@ -151,15 +151,14 @@ class MergePlan:
     base: BaseCheckpoint
     deltas: dict
     inputs_record: dict
-    old_record: dict | None
+    old_record: MergeInfo | None
     entries: list[Entry]
     source_shard: dict[str, str]
 
     @property
     def up_to_date(self) -> bool:
         old = self.old_record
-        return bool(old) and old.get("format") == RECORD_FORMAT and records.same_content(old.get("inputs"),
-                                                                                           self.inputs_record)
+        return old is not None and records.same_content(old.inputs, self.inputs_record)
 
     @property
     def total_bytes(self) -> int:
@@ -208,6 +207,16 @@ def _merge_base(inputs: MergeInputs, base: BaseCheckpoint, base_dir: Path, revis
     return sixteen, original, original_dir, original_rev, "original"
 
 
+def merge_record(out: Path) -> MergeInfo | None:
+    """The record of the merge already in ``out``; an unreadable one means the merge is redone."""
+    if not MergeInfo.exists(out):
+        return None
+    try:
+        return MergeInfo.load(out)
+    except RecordError:
+        return None
+
+
 def prepare_merge(inputs: MergeInputs, out: Path, *, dtype: str = "bfloat16",
                   max_shard_size: str | int = "5GB") -> MergePlan:
     """Validate the adapter against the base and plan the output; raises before anything is written."""
@@ -222,8 +231,8 @@ def prepare_merge(inputs: MergeInputs, out: Path, *, dtype: str = "bfloat16",
     check_vocab(adapter, base)
     deltas = adapter.plan({n: s.shape for n, s in base.tensors.items()})
     out = Path(out).absolute()
-    old = records.read_json(out / MERGE_RECORD) if out.is_dir() else None
-    digests = _source_digests(base, adapter, old.get("inputs") if old else None)
+    old = merge_record(out)
+    digests = _source_digests(base, adapter, old.inputs if old else None)
     inputs_record = {
         "base": {"id": base_id, "path": str(base_dir),
                  "revision": revision if merge_into == "original" else revision or inputs.base_revision,
@@ -326,26 +335,25 @@ def run_merge(mp: MergePlan, *, progress: bool = True, command: str | None = Non
         for deltas in plan.values():
             for d in deltas:
                 kinds[d.kind] = kinds.get(d.kind, 0) + 1
-        record = {
-            "format": RECORD_FORMAT,
-            "inputs": mp.inputs_record,
-            "identity": mp.identity,
-            "run": mp.inputs.name,
-            "merge_into": mp.inputs_record["merge_into"],
-            "adapter_base_model": adapter.base_model,
-            "lora": {"r": adapter.config.get("r"), "lora_alpha": adapter.config.get("lora_alpha"),
-                     "target_modules": adapter.config.get("target_modules"),
-                     "target_parameters": adapter.config.get("target_parameters"),
-                     "deltas_by_kind": kinds, "replaced_tensors": sorted(adapter.replacements)},
-            "merged_tensors": len(merged_names),
-            "output": {"files": names + ([INDEX] if len(shards) > 1 else []), "total_bytes": total,
-                       "side_files": side},
-            "elapsed_s": round(time.perf_counter() - start, 3),
-            "peak_rss_bytes": records.peak_rss_bytes(),
-            "versions": records.versions(),
-            "command": command,
-        }
-        (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        record = MergeInfo(
+            inputs=mp.inputs_record,
+            identity=mp.identity,
+            run=mp.inputs.name,
+            merge_into=mp.inputs_record["merge_into"],
+            adapter_base_model=adapter.base_model,
+            lora={"r": adapter.config.get("r"), "lora_alpha": adapter.config.get("lora_alpha"),
+                  "target_modules": adapter.config.get("target_modules"),
+                  "target_parameters": adapter.config.get("target_parameters"),
+                  "deltas_by_kind": kinds, "replaced_tensors": sorted(adapter.replacements)},
+            merged_tensors=len(merged_names),
+            output={"files": names + ([INDEX] if len(shards) > 1 else []), "total_bytes": total,
+                    "side_files": side},
+            elapsed_s=round(time.perf_counter() - start, 3),
+            peak_rss_bytes=records.peak_rss_bytes(),
+            versions=records.versions(),
+            command=command,
+        )
+        record.write(tmp)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / "old")
@@ -356,7 +364,7 @@ def run_merge(mp: MergePlan, *, progress: bool = True, command: str | None = Non
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return MergeResult(out, False, record)
+    return MergeResult(out, False, record.to_dict())
 
 
 def merge_checkpoint(inputs: MergeInputs, out: Path, *, dtype: str = "bfloat16", max_shard_size: str | int = "5GB",
@@ -364,7 +372,7 @@ def merge_checkpoint(inputs: MergeInputs, out: Path, *, dtype: str = "bfloat16",
     """Merge ``inputs`` into ``out`` unless ``out`` already holds the same merge."""
     mp = prepare_merge(inputs, out, dtype=dtype, max_shard_size=max_shard_size)
     if mp.up_to_date and not force:
-        return MergeResult(mp.out, True, mp.old_record)
+        return MergeResult(mp.out, True, mp.old_record.to_dict())
     return run_merge(mp, progress=progress, command=command)
 
 

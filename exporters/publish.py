@@ -28,19 +28,19 @@ import json
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 from gptoss.errors import ToolchainError
+from gptoss.records import Manifest, Published, PublishedRepo, TrainingInfo
 
 WHATS = ("adapter", "merged", "gguf")
 
 # Records written by earlier stages (see ARCHITECTURE.md) and by this one.
-TRAINING_INFO = "training_info.json"
+TRAINING_INFO = TrainingInfo.FILE
 TRAIN_CONFIG = "train_config.json"
-MANIFEST = "manifest.json"
-PUBLISHED = "published.json"
+MANIFEST = Manifest.FILE
+PUBLISHED = Published.FILE
 ADAPTER_DIR = "adapter"
 ADAPTER_REQUIRED = ("adapter_config.json", "adapter_model.safetensors")
 MERGED_REQUIRED = ("config.json",)
@@ -85,9 +85,9 @@ def gguf_quant_tag(filename: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Records: what this stage reads, in one place. The writers: training/run.py (training_info.json,
-# train_config.json) and exporters/export.py (manifest.json). tests/test_integration_publish.py runs
-# both and checks this reader, and the fixture copies in tests/publish_runs.py, against their output.
+# Records: what this stage reads, as the card needs it. The records themselves are gptoss/records.py's
+# (written by training/run.py and exporters/export.py); tests/test_integration_publish.py feeds this
+# reader what those writers wrote.
 
 
 def _str(value: Any) -> str | None:
@@ -128,48 +128,41 @@ class TrainingRecord:
     @classmethod
     def load(cls, run_dir: Path, problems: list[str]) -> "TrainingRecord | None":
         path = run_dir / TRAINING_INFO
-        info = _read_json(path, problems)
+        info = TrainingInfo.try_load(run_dir, problems)
         if info is None:
             return None
-        dataset = _as_dict(info.get("dataset"))
-        base = _str(info.get("base_model"))
-        dataset_id = _str(dataset.get("id")) or _str(dataset.get("path"))
-        dataset_hash = _str(dataset.get("content_sha256"))
-        missing = [
-            field
-            for field, value in (("base_model", base), ("dataset.id/path", dataset_id), ("dataset.content_sha256", dataset_hash))
-            if value is None
-        ]
-        if missing:
-            problems.append(f"{path}: missing {', '.join(missing)}; re-run `gptoss train` to write a complete record")
+        dataset = info.dataset
+        dataset_id = (dataset.id or dataset.path) if dataset else None
+        if dataset_id is None:
+            problems.append(f"{path}: missing dataset.id/path; re-run `gptoss train` to write a complete record")
             return None
         config_path = run_dir / TRAIN_CONFIG
-        config = _read_json(config_path, problems) if config_path.is_file() else info.get("config")
-        memory = _as_dict(info.get("peak_memory"))
-        loss = {k: v for k, v in _as_dict(info.get("loss")).items() if isinstance(v, (str, int, float))}
-        loss.update({f"eval {k}": v for k, v in _as_dict(_dig(info, "loss", "eval")).items() if isinstance(v, (int, float))})
-        layout = ", ".join(x for x in (_str(info.get("base_layout")), _str(info.get("base_quantization"))) if x)
+        config = _read_json(config_path, problems) if config_path.is_file() else info.config
+        memory = info.peak_memory
+        loss = {k: v for k, v in info.loss.items() if isinstance(v, (str, int, float))}
+        loss.update({f"eval {k}": v for k, v in _as_dict(info.loss.get("eval")).items() if isinstance(v, (int, float))})
+        layout = ", ".join(x for x in (info.base_layout, info.base_quantization) if x)
         metrics = {
             "Base checkpoint layout": {"split, bnb-4bit": "Unsloth's split bnb-4bit (per-expert NF4 Linears)"}.get(layout, layout or None),
-            "Device": _str(memory.get("cuda_device")) or _str(info.get("device")),
-            "Profile": _str(info.get("profile")),
-            "Train time (s)": info.get("train_seconds"),
-            "Tokens per second": info.get("tokens_per_second"),
+            "Device": _str(memory.get("cuda_device")) or info.device,
+            "Profile": info.profile,
+            "Train time (s)": info.train_seconds,
+            "Tokens per second": info.tokens_per_second,
             "Peak GPU memory (allocated)": _human_size(memory["cuda_allocated_bytes"]) if _int(memory.get("cuda_allocated_bytes")) else None,
             "Peak GPU memory (reserved)": _human_size(memory["cuda_reserved_bytes"]) if _int(memory.get("cuda_reserved_bytes")) else None,
             "Peak RSS": _human_size(memory["cpu_rss_bytes"]) if _int(memory.get("cpu_rss_bytes")) else None,
         }
         return cls(
             run_dir=run_dir,
-            base_model=base,
-            base_revision=_str(info.get("base_model_revision")),
+            base_model=info.base_model,
+            base_revision=info.base_model_revision,
             dataset_id=dataset_id,
-            dataset_hash=dataset_hash,
-            dataset_revision=_str(dataset.get("revision")),
-            backend=_str(info.get("backend")),
-            steps=_int(info.get("steps")),
+            dataset_hash=dataset.content_sha256,
+            dataset_revision=dataset.revision,
+            backend=info.backend,
+            steps=info.steps,
             loss=loss,
-            versions={k: v for k, v in _as_dict(info.get("versions")).items() if v is not None},
+            versions={k: v for k, v in info.versions.items() if v is not None},
             config=_as_dict(config),
             metrics={k: v for k, v in metrics.items() if v is not None},
         )
@@ -228,55 +221,37 @@ class ExportManifest:
 
     @classmethod
     def load(cls, export_dir: Path, problems: list[str]) -> "ExportManifest | None":
-        path = export_dir / MANIFEST
-        data = _read_json(path, problems)
-        if data is None:
-            return None
-        raw = data.get("artifacts")
-        if not isinstance(raw, list):
-            problems.append(f"{path}: no 'artifacts' list; re-run `gptoss export`")
+        manifest = Manifest.try_load(export_dir, problems)
+        if manifest is None:
             return None
         artifacts = []
-        for i, entry in enumerate(raw):
-            rel = _str(entry.get("path")) if isinstance(entry, dict) else None
-            if rel is None:
-                problems.append(f"{path}: artifacts[{i}] has no 'path'; re-run `gptoss export`")
-                continue
-            if str(entry.get("kind", "gguf")).lower() != "gguf":  # manifests before `kind` listed GGUFs only
-                continue
-            quant = _str(entry.get("label")) or _str(entry.get("quant"))
+        for entry in manifest.artifacts:
             artifacts.append(Artifact(
-                path=export_dir / rel, rel=rel, kind="gguf", quant=quant.upper() if quant else None,
-                sha256=_str(entry.get("sha256")), size=_int(entry.get("size")), tensor_types=entry.get("tensor_types"),
-                fallbacks=entry.get("fallbacks"), fidelity=_fidelity(entry.get("fidelity")),
+                path=export_dir / entry.path, rel=entry.path, kind="gguf", quant=entry.label.upper(),
+                sha256=entry.sha256, size=entry.size, tensor_types=entry.tensor_types,
+                fallbacks=entry.fallbacks, fidelity=_fidelity(entry.fidelity),
             ))
-            modelfile = _str(entry.get("modelfile"))
-            if modelfile:
+            if entry.modelfile:
                 artifacts.append(Artifact(
-                    path=export_dir / modelfile, rel=modelfile, kind="modelfile", gguf=rel,
-                    sha256=_str(entry.get("modelfile_sha256")), size=_int(entry.get("modelfile_size")),
+                    path=export_dir / entry.modelfile, rel=entry.modelfile, kind="modelfile", gguf=entry.path,
+                    sha256=entry.modelfile_sha256, size=entry.modelfile_size,
                 ))
-        merged = _as_dict(data.get("merged"))
-        if _str(merged.get("path")):
-            files = tuple(
-                (f["path"], _str(f.get("sha256")), _int(f.get("size")))
-                for f in merged.get("files") or ()
-                if isinstance(f, dict) and _str(f.get("path"))
-            )
-            artifacts.append(Artifact(path=export_dir / merged["path"], rel=merged["path"], kind="merged", files=files))
-        tools = _as_dict(data.get("tools"))
-        inputs = _as_dict(data.get("inputs"))
+        merged = manifest.merged
+        files = tuple((f["path"], _str(f.get("sha256")), _int(f.get("size"))) for f in merged.files
+                      if isinstance(f, dict) and _str(f.get("path")))
+        artifacts.append(Artifact(path=export_dir / merged.path, rel=merged.path, kind="merged", files=files))
+        tools, inputs = manifest.tools, manifest.inputs
         return cls(
             export_dir=export_dir,
-            run=_str(data.get("run")),
+            run=manifest.run,
             training_run=_str(inputs.get("run")),
             base_model=_str(_dig(inputs, "base", "id")),
             base_revision=_str(_dig(inputs, "base", "revision")),
             adapter_sha256=_str(_dig(inputs, "adapter", "files", "adapter_model.safetensors", "sha256")),
-            merge_identity=_str(_dig(merged, "identity", "merge_identity")),
+            merge_identity=_str(merged.identity.get("merge_identity")),
             versions={k: v for k, v in tools.items() if k not in ("llama_cpp_commit", "converter") and isinstance(v, str)},
             llama_cpp_commit=_str(tools.get("llama_cpp_commit")),
-            fidelity_prompts=_int(_dig(data, "fidelity_prompts", "count")),
+            fidelity_prompts=_int((manifest.fidelity_prompts or {}).get("count")),
             artifacts=tuple(artifacts),
             merge_into=_str(inputs.get("merge_into")),
             trained_on=_str(_dig(inputs, "trained_on", "id")),
@@ -313,10 +288,8 @@ def _locate(run: Path, problems: list[str]) -> tuple[Path | None, Path | None]:
         return run, export_dir if (export_dir / MANIFEST).is_file() else None
     if (run / MANIFEST).is_file():
         training_dir = None
-        try:
-            recorded = json.loads((run / MANIFEST).read_text(encoding="utf-8")).get("inputs", {}).get("run")
-        except (OSError, ValueError, AttributeError):
-            recorded = None
+        manifest = Manifest.try_load(run, [])  # an unreadable manifest is reported when the plan loads it
+        recorded = manifest.inputs.get("run") if manifest else None
         candidates = []
         if isinstance(recorded, str) and recorded:
             p = Path(recorded)
@@ -874,15 +847,15 @@ def _toolchain_version() -> str:
 
 
 def _published(folder: Path | None) -> dict:
-    if folder is None or not (folder / PUBLISHED).is_file():
+    if folder is None or not Published.exists(folder):
         return {}
-    try:
-        data = json.loads((folder / PUBLISHED).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    record = Published.try_load(folder, [])  # unreadable: the card links nothing published
+    if record is None:
         return {}
     from huggingface_hub import constants
 
-    return {k: v for k, v in data.items() if isinstance(v, dict) and v.get("endpoint") == constants.ENDPOINT}
+    return {k: dataclasses.asdict(v) for k in WHATS if (v := getattr(record, k)) is not None
+            and v.endpoint == constants.ENDPOINT}
 
 
 def card_metadata(plan: PublishPlan) -> dict:
@@ -1333,26 +1306,18 @@ def _upload(plan: PublishPlan, token: str) -> str:
 
 
 def _write_record(plan: PublishPlan, commit, endpoint: str, changed: bool) -> None:
-    path = plan.record_dir / PUBLISHED
-    try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError):
-        data = {}
-    data[plan.what] = {
-        "repo_id": plan.repo_id,
-        "revision": plan.revision,
-        "commit": commit.oid,
-        "commit_url": commit.commit_url,
-        "endpoint": endpoint,
-        "private": plan.private,
-        "run": plan.run_name,
-        "files": {f.path_in_repo: f.sha256 for f in plan.files},
-    }
-    fd, tmp = tempfile.mkstemp(prefix=f".{PUBLISHED}.", dir=plan.record_dir)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-    os.replace(tmp, path)
+    record = (Published.try_load(plan.record_dir, []) if Published.exists(plan.record_dir) else None) or Published()
+    setattr(record, plan.what, PublishedRepo(
+        repo_id=plan.repo_id,
+        revision=plan.revision,
+        commit=commit.oid,
+        commit_url=commit.commit_url,
+        endpoint=endpoint,
+        private=plan.private,
+        run=plan.run_name,
+        files={f.path_in_repo: f.sha256 for f in plan.files},
+    ))
+    record.write(plan.record_dir)
 
 
 def publish(

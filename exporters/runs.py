@@ -8,13 +8,13 @@ A training run folder ``models/<run>/`` holds ``adapter/`` (a PEFT save) and ``t
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Literal
 
 from exporters.errors import ExportStageError, MissingFilesError
+from gptoss.records import RecordError, TrainingInfo
 
-TRAINING_INFO = "training_info.json"
+TRAINING_INFO = TrainingInfo.FILE
 ADAPTER_DIR = "adapter"
 EXPORTS_ROOT = "exports"
 MERGED_DIR = "merged"
@@ -32,7 +32,7 @@ class MergeInputs:
     base_revision: str | None
     adapter_dir: Path
     run_dir: Path | None = None
-    training_info: dict | None = None
+    training_info: TrainingInfo | None = None
     merge_into: str = "original"  # for a 4-bit base: "original" (its 16-bit original) or "dequantized"
     merge_base: str | None = None  # the 16-bit original (--merge-base, or what training recorded)
 
@@ -45,25 +45,22 @@ def resolve_run(run: str, *, merge_into: str = "original", merge_base: str | Non
     if not path.is_dir():
         raise MissingFilesError(f"--run {run}: no such run folder (expected models/<run>/ with adapter/ and {TRAINING_INFO})")
     real = path.resolve()  # models/latest -> the run it points at
-    info_path = real / TRAINING_INFO
     missing = [n for n in (TRAINING_INFO, ADAPTER_DIR) if not (real / n).exists()]
     if missing:
         raise MissingFilesError(f"--run {run}: {real} lacks {', '.join(missing)}; is the training run finished? "
                                 "(gptoss train writes both when it completes)")
     try:
-        info = json.loads(info_path.read_text())
-    except json.JSONDecodeError as e:
-        raise MissingFilesError(f"{info_path} is not valid JSON ({e})") from e
-    base = info.get("base_model")
-    if not isinstance(base, str) or not base:
-        raise MissingFilesError(f"{info_path} has no 'base_model' (the Hugging Face id or folder the adapter was trained on)")
+        info = TrainingInfo.load(real)
+    except RecordError as e:
+        raise MissingFilesError(str(e)) from e
+    base = info.base_model
     if not Path(base).is_absolute() and (real / base).is_dir():
         base = str((real / base).resolve())
-    revision = info.get("base_model_revision")  # what `gptoss train` resolved and trained on
-    recorded = info.get("merge_base")
-    if merge_base is None and isinstance(recorded, str) and recorded:
+    recorded = info.merge_base
+    if merge_base is None and recorded:
         merge_base = str((real / recorded).resolve()) if not Path(recorded).is_absolute() and (real / recorded).is_dir() else recorded
-    return MergeInputs(name=real.name, base=base, base_revision=revision if isinstance(revision, str) else None,
+    # base_model_revision: what `gptoss train` resolved and trained on
+    return MergeInputs(name=real.name, base=base, base_revision=info.base_model_revision,
                        adapter_dir=real / ADAPTER_DIR, run_dir=real, training_info=info, merge_into=merge_into,
                        merge_base=merge_base)
 

@@ -97,7 +97,8 @@ class Backend:
         raise NotImplementedError
 
     def info(self) -> dict[str, Any]:
-        return {"backend": self.name, "model": self.config.model, "adapter": self.config.adapter, "source": self.config.source,
+        return {"backend": self.name, "model": self.config.model, "revision": self.config.revision,
+                "adapter": self.config.adapter, "source": self.config.source,
                 "device": self.config.device, "ctx": self.n_ctx, "parallel": self.parallel}
 
 

@@ -1,10 +1,10 @@
 """Realistic run folders for the publish tests: what `gptoss train` and `gptoss export` write.
 
-Weights are small random tensors (the publish stage never loads them), but the records use the real
-writers' formats: ``training_info.json`` as training/run.py writes it, ``train_config.json`` from the
-real TrainConfig, Modelfiles from modelfiles.render, ``manifest.json`` as exporters/export.py writes
-it. tests/test_integration_publish.py runs the real stages and checks these records have the same
-keys, so a change in a writer shows up there.
+Weights are small random tensors (the publish stage never loads them), but the records are built
+with the writers' own dataclasses (gptoss/records.py: TrainingInfo, MergeInfo, Manifest), the
+``train_config.json`` from the real TrainConfig and the Modelfiles from modelfiles.render. The
+figures are those of a GPU run, for the model card. tests/test_integration_publish.py runs the real
+stages and checks these records have the same keys, so a change in a writer shows up there.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import json
 import random
 import struct
 from pathlib import Path
+
+from gptoss.records import DataInfo, GGUFArtifact, Manifest, MergedFolder, MergeInfo, TrainingInfo
 
 RUN = "gpt-oss-20b_quick_test_r8_20250101-120000"
 BASE = "openai/gpt-oss-20b"
@@ -104,35 +106,35 @@ def build_training_run(root: Path, name: str = RUN) -> Path:
              "experts.down_proj": {"parameters": 32768, "tensors": 4, "lora_B_norm": 0.0},
              "experts.gate_up_proj": {"parameters": 49152, "tensors": 4, "lora_B_norm": 0.0}}
     end = {k: {**v, "lora_B_norm": 0.012} for k, v in start.items()}
-    (run / "training_info.json").write_text(json.dumps({
-        "format": 1, "run": name, "base_model": BASE, "base_model_revision": BASE_REVISION,
-        "backend": "unsloth", "device": "cuda", "profile": "quick_test", "adapter": "adapter",
-        "started_at": "2025-01-01T12:00:00+00:00", "finished_at": "2025-01-01T12:09:30+00:00",
-        "steps": 30, "max_steps": 30, "resumed_from_step": None, "tokens": 491520, "supervised_tokens": 201000,
-        "train_seconds": 228.6, "seconds_per_step": 7.62, "tokens_per_second": 2150.0,
-        "steady_state": {"steps": 29, "median_step_seconds": 7.5, "median_tokens_per_second": 2184.5},
-        "model_load_seconds": 41.2,
-        "loss": {"first": 2.314, "min": 0.588, "final": 0.612, "final_window_steps": 3, "target": 0.5,
+    TrainingInfo(
+        run=name, base_model=BASE, base_model_revision=BASE_REVISION,
+        backend="unsloth", device="cuda", profile="quick_test", adapter="adapter",
+        started_at="2025-01-01T12:00:00+00:00", finished_at="2025-01-01T12:09:30+00:00",
+        steps=30, max_steps=30, resumed_from_step=None, tokens=491520, supervised_tokens=201000,
+        train_seconds=228.6, seconds_per_step=7.62, tokens_per_second=2150.0,
+        steady_state={"steps": 29, "median_step_seconds": 7.5, "median_tokens_per_second": 2184.5},
+        model_load_seconds=41.2,
+        loss={"first": 2.314, "min": 0.588, "final": 0.612, "final_window_steps": 3, "target": 0.5,
                  "verdict": "ok", "note": "final loss 0.612 is near the target 0.5",
                  "history": [[1, 2.314], [15, 1.2], [30, 0.61]],
                  "eval": {"final": 0.701, "min": 0.69, "history": [[10, 0.9], [30, 0.701]]}},
-        "peak_memory": {"cpu_rss_bytes": 9_812_000_000, "cuda_allocated_bytes": 13_400_000_000,
+        peak_memory={"cpu_rss_bytes": 9_812_000_000, "cuda_allocated_bytes": 13_400_000_000,
                         "cuda_reserved_bytes": 14_100_000_000, "cuda_device": "NVIDIA H100 80GB HBM3"},
-        "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "rslora": False, "targets": "all",
+        lora={"rank": 8, "alpha": 16, "dropout": 0.0, "rslora": False, "targets": "all",
                  "target_modules": ["k_proj", "o_proj", "q_proj", "v_proj"],
                  "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
                  "trainable_at_start": start, "trainable_at_end": end, "experts_trained": True},
-        "dataset": {"id": DATASET, "path": None, "format": "hub", "split": "train",
-                    "revision": "0d3f0c1a2b3c4d5e6f708192a3b4c5d6e7f80912", "content_sha256": DATASET_HASH,
-                    "file_sha256": None,
-                    "rows": {"read": 1000, "bad": 0, "too_long_dropped": 0, "truncated": 0,
-                             "no_supervised_tokens": 0, "kept": 1000},
-                    "train_examples": 1000, "eval_examples": 0, "train_tokens": 512000,
-                    "train_supervised_tokens": 210000},
-        "versions": {"python": "3.12.3", "gptoss-toolchain": "0.1.0", "torch": "2.11.0+cu130",
+        dataset=DataInfo(id=DATASET, path=None, format="hub", split="train",
+                         revision="0d3f0c1a2b3c4d5e6f708192a3b4c5d6e7f80912", content_sha256=DATASET_HASH,
+                         file_sha256=None,
+                         rows={"read": 1000, "bad": 0, "too_long_dropped": 0, "truncated": 0,
+                               "no_supervised_tokens": 0, "kept": 1000},
+                         train_examples=1000, eval_examples=0, train_tokens=512000,
+                         train_supervised_tokens=210000),
+        versions={"python": "3.12.3", "gptoss-toolchain": "0.1.0", "torch": "2.11.0+cu130",
                      "transformers": "5.17.0", "peft": "0.17.1", "unsloth": "2026.1.1", "trl": None},
-        "config": config,
-    }, indent=2))
+        config=config,
+    ).write(run)
     return run
 
 
@@ -152,7 +154,8 @@ def build_export(root: Path, name: str = RUN) -> Path:
         "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
                        "lm_head.weight": "model-00002-of-00002.safetensors"}}))
     _tokenizer_files(merged)
-    (merged / "merge_info.json").write_text(json.dumps({"format": 1, "inputs": {"adapter": {"path": f"/home/alice/work/models/{name}/adapter"}}}))
+    MergeInfo(inputs={"adapter": {"path": f"/home/alice/work/models/{name}/adapter"}},
+              identity=hashlib.sha256(b"merge").hexdigest()).write(merged)
     gguf_dir = export / "gguf"
     gguf_dir.mkdir()
     rng = random.Random(f"gguf {name}")
@@ -177,47 +180,48 @@ def build_export(root: Path, name: str = RUN) -> Path:
         nmse, kl, top1 = fidelity[quant]
         reference = "merged HF model (transformers, float32)" if quant == "F16" else f"{name}-F16.gguf"
         g, m = _digest(gguf), _digest(modelfile)
-        artifacts.append({
-            "kind": "gguf", "path": f"gguf/{gguf.name}", "quant": quant.lower(), "label": quant,
-            "sha256": g["sha256"], "size": g["size"], "nominal_type": nominal[quant], "tensor_count": 25,
-            "tensor_types": tensor_types, "tensor_type_bytes": {t: 1000 * n for t, n in tensor_types.items()},
-            "fallbacks": fallbacks, "fallback_tensors": [f"blk.{i}.ffn_down_exps.weight" for i in range(fallbacks)],
-            "quantizable_weights": 14, "off_nominal_weights": fallbacks + 2,
-            "off_nominal_weight_types": {"output.weight": "Q6_K"}, "chat_template": True,
-            "fidelity": {"reference": reference, "nmse": nmse, "mean_kl": kl, "top1_agreement": top1,
+        artifacts.append(GGUFArtifact(
+            kind="gguf", path=f"gguf/{gguf.name}", quant=quant.lower(), label=quant,
+            sha256=g["sha256"], size=g["size"], nominal_type=nominal[quant], tensor_count=25,
+            tensor_types=tensor_types, tensor_type_bytes={t: 1000 * n for t, n in tensor_types.items()},
+            fallbacks=fallbacks, fallback_tensors=[f"blk.{i}.ffn_down_exps.weight" for i in range(fallbacks)],
+            quantizable_weights=14, off_nominal_weights=fallbacks + 2,
+            off_nominal_weight_types={"output.weight": "Q6_K"}, chat_template=True,
+            fidelity={"reference": reference, "nmse": nmse, "mean_kl": kl, "top1_agreement": top1,
                          "max_abs_diff": 0.5, "positions": 300, "median_position_nmse": nmse / 2,
                          "top1_agreement_decisive": top1, "decisive_positions": 290,
                          "thresholds": {"max_nmse": 0.15, "max_kl": 0.05, "min_top1": 0.0}, "passed": True,
                          "prompts_sha256": prompts_sha256},
-            "tool": "convert_hf_to_gguf.py" if quant == "F16" else "llama-quantize", "elapsed_s": 12.5,
-            "peak_rss_bytes": 2_000_000_000, "skipped": False,
-            "modelfile": f"gguf/{modelfile.name}", "modelfile_sha256": m["sha256"], "modelfile_size": m["size"],
-        })
+            tool="convert_hf_to_gguf.py" if quant == "F16" else "llama-quantize", elapsed_s=12.5,
+            peak_rss_bytes=2_000_000_000, skipped=False,
+            modelfile=f"gguf/{modelfile.name}", modelfile_sha256=m["sha256"], modelfile_size=m["size"],
+        ))
     adapter_files = {p.name: _digest(p) for p in sorted((root / "models" / name / "adapter").iterdir()) if p.is_file()}
-    (export / "manifest.json").write_text(json.dumps({
-        "format": 1,
-        "run": name,
-        "created": "2025-01-01T12:30:00+00:00",
-        "inputs": {
+    Manifest(
+        run=name,
+        created="2025-01-01T12:30:00+00:00",
+        inputs={
             "run": str(root / "models" / name),
             "training_info": _digest(root / "models" / name / "training_info.json"),
             "base": {"id": BASE, "path": f"/home/alice/.cache/huggingface/hub/models--openai--gpt-oss-20b/snapshots/{BASE_REVISION}",
-                     "revision": BASE_REVISION, "quantization": "mxfp4", "files": {}},
+                     "revision": BASE_REVISION, "quantization": "mxfp4", "layout": "fused", "files": {}},
+            "merge_into": "base",  # the MXFP4 release merges into itself
+            "trained_on": {"id": BASE, "revision": BASE_REVISION, "layout": "fused", "quantization": "mxfp4"},
             "adapter": {"path": str(root / "models" / name / "adapter"), "files": adapter_files},
             "dtype": "BF16",
             "max_shard_bytes": 5_000_000_000,
         },
-        "merged": {"path": "merged", "identity": {"merge_identity": hashlib.sha256(b"merge").hexdigest()},
-                   "files": [{"path": f"merged/{p.name}", **{k: v for k, v in _digest(p).items() if k != "mtime_ns"}}
-                             for p in sorted(merged.iterdir())],
-                   "merge": {"skipped": False, "elapsed_s": 310.2, "peak_rss_bytes": 6_100_000_000}},
-        "tools": {"llama_cpp_commit": LLAMA_CPP_COMMIT, "llama_cpp_python": "0.3.36",
+        merged=MergedFolder(path="merged", identity={"merge_identity": hashlib.sha256(b"merge").hexdigest()},
+                            files=[{"path": f"merged/{p.name}", **{k: v for k, v in _digest(p).items() if k != "mtime_ns"}}
+                                   for p in sorted(merged.iterdir())],
+                            merge={"skipped": False, "elapsed_s": 310.2, "peak_rss_bytes": 6_100_000_000}),
+        tools={"llama_cpp_commit": LLAMA_CPP_COMMIT, "llama_cpp_python": "0.3.36",
                   "converter": "convert_hf_to_gguf.py (vendored in llama-cpp-python sdist)",
                   "python": "3.12.3", "gptoss-toolchain": "0.1.0", "torch": "2.11.0+cu130", "transformers": "5.17.0"},
-        "commands": {"export": f"gptoss export --run models/{name}", "steps": []},
-        "fidelity_prompts": {"count": 4, "sha256": prompts_sha256},
-        "artifacts": artifacts,
-    }, indent=2))
+        commands={"export": f"gptoss export --run models/{name}", "steps": []},
+        fidelity_prompts={"count": 4, "sha256": prompts_sha256},
+        artifacts=artifacts,
+    ).write(export)
     return export
 
 

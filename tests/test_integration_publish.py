@@ -143,13 +143,14 @@ def test_publish_fixtures_match_the_real_writers(chain, tmp_path):
 
 def test_export_merges_on_the_base_revision_training_recorded(chain, tmp_path):
     from exporters.runs import resolve_run
+    from gptoss.records import TrainingInfo
 
     run = tmp_path / "models" / "hub-run"
     run.mkdir(parents=True)
     (run / "adapter").symlink_to(chain.run_dir / "adapter")
     revision = "6cee5e81ee83917806bbde320786a8fb61efebee"
-    (run / "training_info.json").write_text(json.dumps(
-        {**chain.info, "base_model": "openai/gpt-oss-20b", "base_model_revision": revision}))
+    trained = TrainingInfo.load(chain.run_dir)  # what the real `gptoss train` wrote, as if from the Hub
+    dataclasses.replace(trained, base_model="openai/gpt-oss-20b", base_model_revision=revision).write(run)
     inputs = resolve_run(str(run))
     assert (inputs.base, inputs.base_revision) == ("openai/gpt-oss-20b", revision)
 

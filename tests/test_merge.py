@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from exporters import records
 from exporters.errors import AdapterMismatchError, DiskSpaceError, FourBitMergeError, MissingFilesError
 from exporters.merge import MERGE_RECORD, merge, merge_checkpoint
 from exporters.runs import resolve_run
+from gptoss.records import TrainingInfo
 
 
 @pytest.fixture(scope="session")
@@ -290,9 +292,7 @@ def test_missing_base_files(run, base, tmp_path, capsys):
     broken.mkdir()
     shutil.copyfile(base / "config.json", broken / "config.json")  # weights missing
     bad = _copy_run(run, tmp_path / "run")
-    info = json.loads((bad / "training_info.json").read_text())
-    info["base_model"] = str(broken)
-    (bad / "training_info.json").write_text(json.dumps(info))
+    dataclasses.replace(TrainingInfo.load(bad), base_model=str(broken)).write(bad)
     _assert_clean_failure(capsys, bad, tmp_path / "out", MissingFilesError, "no \\*.safetensors")
 
 

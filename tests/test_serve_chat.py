@@ -9,6 +9,7 @@ import pytest
 
 from gptoss import harmony
 from gptoss.cli import resolve
+from gptoss.records import GGUFArtifact, Manifest, MergedFolder, TrainingInfo
 from serving import serve
 from serving.backends import BACKENDS, ServeError, get_backend
 from serving.chat import ChatOutput
@@ -126,13 +127,20 @@ def _config(tmp_path, **kw):
     return resolve_config(**args)
 
 
+def gguf_manifest(export, labels):
+    """An export's manifest listing ``labels`` (e.g. F16) under gguf/, built with the writer's dataclasses
+    (tests/test_records.py feeds the resolver a real export)."""
+    Manifest(run=export.name, merged=MergedFolder(path="merged"), artifacts=[
+        GGUFArtifact(path=f"gguf/{export.name}-{q}.gguf", quant=q.lower(), label=q, sha256="0" * 64, size=4)
+        for q in labels]).write(export)
+
+
 def test_export_folder_resolves_through_its_manifest(tmp_path):
     export = tmp_path / "exports" / "run1"
     (export / "gguf").mkdir(parents=True)
     for q in ("F16", "Q4_K_M"):
         (export / "gguf" / f"run1-{q}.gguf").write_bytes(b"GGUF")
-    manifest = {"artifacts": [{"path": f"gguf/run1-{q}.gguf", "kind": "gguf", "quant": q} for q in ("F16", "Q4_K_M")]}
-    (export / "manifest.json").write_text(json.dumps(manifest))
+    gguf_manifest(export, ("F16", "Q4_K_M"))
     assert _config(tmp_path, model=str(export), quant="q4_k_m").model == str((export / "gguf" / "run1-Q4_K_M.gguf").resolve())
     with pytest.raises(ServeError, match="F16, Q4_K_M"):  # two GGUFs and no --quant: say which exist
         _config(tmp_path, model=str(export))
@@ -154,13 +162,13 @@ def test_training_run_resolves_to_base_and_adapter(tmp_path):
     run = tmp_path / "models" / "run1"
     (run / "adapter").mkdir(parents=True)
     (run / "adapter" / "adapter_config.json").write_text("{}")
-    (run / "training_info.json").write_text(json.dumps({"base_model": {"id": "openai/gpt-oss-20b", "revision": "abc123"}}))
+    TrainingInfo(base_model="openai/gpt-oss-20b", base_model_revision="abc123").write(run)
     config = _config(tmp_path, backend="transformers", model=str(run))
     assert (config.model, config.adapter, config.revision) == ("openai/gpt-oss-20b", str((run / "adapter").absolute()), "abc123")
     export = tmp_path / "exports" / "run1"
     (export / "merged").mkdir(parents=True)
     (export / "merged" / "config.json").write_text("{}")
-    (export / "manifest.json").write_text(json.dumps({"artifacts": [{"path": "merged", "kind": "merged"}]}))
+    Manifest(run="run1", merged=MergedFolder(path="merged")).write(export)
     assert _config(tmp_path, backend="transformers", model=str(export)).model == str((export / "merged").resolve())
     with pytest.raises(ServeError) as e:
         _config(tmp_path, backend="transformers", model=str(tmp_path / "nothing"), quant="q4_k_m", sample_on_device=True)

@@ -11,7 +11,6 @@ transformers' GptOssExperts / GptOssTopKRouter, computed per expert Linear.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -86,6 +85,7 @@ def make_split_run(base_dir: str | Path, run_dir: str | Path, *, trained_on: str
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
+    from gptoss.records import DataInfo, TrainingInfo
     from training.run import base_fields
 
     run_dir = Path(run_dir)
@@ -102,10 +102,9 @@ def make_split_run(base_dir: str | Path, run_dir: str | Path, *, trained_on: str
     peft_model.save_pretrained(str(adapter_dir))
     AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(adapter_dir))
     data = Path(__file__).resolve().parent / "data" / "train_tiny.jsonl"
-    info = {"run": run_dir.name, "backend": "unsloth-stand-in (tests/unsloth_split.py)",
-            "note": "seeded random LoRA on the split tree (not trained)", **base_fields(str(trained_on), None),
-            "dataset": {"path": str(data), "content_sha256": hashlib.sha256(data.read_bytes()).hexdigest()}}
-    (run_dir / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    TrainingInfo(run=run_dir.name, backend="unsloth-stand-in (tests/unsloth_split.py)",
+                 note="seeded random LoRA on the split tree (not trained)", **base_fields(str(trained_on), None),
+                 dataset=DataInfo(path=str(data), content_sha256=hashlib.sha256(data.read_bytes()).hexdigest())).write(run_dir)
     return run_dir
 
 

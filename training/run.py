@@ -28,6 +28,7 @@ from typing import Any
 
 from gptoss.errors import ToolchainError
 from gptoss.latest import LATEST, switch_latest
+from gptoss.records import DataInfo, TrainingInfo, write_json_atomic
 from training import backends as backends_mod
 from training import config as config_mod
 from training import data as data_mod
@@ -37,8 +38,8 @@ log = logging.getLogger("gptoss.train")
 
 PARTIAL_SUFFIX = ".partial"
 CONFIG_FILE = "train_config.json"
-INFO_FILE = "training_info.json"
-DATA_FILE = "data.json"  # the data record, written when the run starts (resume checks it)
+INFO_FILE = TrainingInfo.FILE
+DATA_FILE = DataInfo.FILE  # the data record, written when the run starts (resume checks it)
 ADAPTER_DIR = "adapter"
 RUN_PREFIX = "gpt-oss-20b"
 VERSIONED_PACKAGES = (
@@ -160,7 +161,7 @@ def _resume_dir(resume: Any, output_dir: str) -> tuple[Path | None, list[str]]:
         path = path.parent.parent
     if not (path / CONFIG_FILE).is_file():
         return None, [f"--resume {resume}: not a training run (no {CONFIG_FILE}); pass a directory that gptoss train created"]
-    if (path / INFO_FILE).is_file() and not path.name.endswith(PARTIAL_SUFFIX):
+    if TrainingInfo.exists(path) and not path.name.endswith(PARTIAL_SUFFIX):
         return None, [f"--resume {resume}: this run has already finished; start a new run instead"]
     return path, []
 
@@ -259,12 +260,6 @@ def _new_run_dir(cfg: TrainConfig) -> Path:
     raise ToolchainError(f"{root}: too many runs named {name}; pass --run-name")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _peak_memory(device: str) -> dict[str, int | None]:
     out: dict[str, int | None] = {"cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if device == "cuda":
@@ -345,11 +340,11 @@ def run(overrides: dict[str, Any], *, resume: Any = None) -> Path:
 
     resume_from = None
     if resume_dir is not None:
-        saved = json.loads((resume_dir / DATA_FILE).read_text()) if (resume_dir / DATA_FILE).is_file() else {}
-        if saved.get("content_sha256") not in (None, data.content_sha256):
+        saved = DataInfo.load(resume_dir).content_sha256 if DataInfo.exists(resume_dir) else None
+        if saved not in (None, data.content_sha256):
             raise ToolchainError(
                 f"--resume {resume_dir}: the dataset changed since the run started "
-                f"(sha256 {saved['content_sha256'][:12]} then, {data.content_sha256[:12]} now); start a new run"
+                f"(sha256 {saved[:12]} then, {data.content_sha256[:12]} now); start a new run"
             )
         found = loop.checkpoints(resume_dir)
         resume_from = found[-1] if found else None
@@ -360,8 +355,8 @@ def run(overrides: dict[str, Any], *, resume: Any = None) -> Path:
     model, groups_start, load_seconds = _load_model(cfg, backend)
 
     run_dir = resume_dir if resume_dir is not None else _new_run_dir(cfg)
-    _write_json(run_dir / CONFIG_FILE, cfg.to_dict())
-    _write_json(run_dir / DATA_FILE, data_record)
+    write_json_atomic(run_dir / CONFIG_FILE, cfg.to_dict())
+    DataInfo(**data_record).write(run_dir)
     file_log = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     file_log.setLevel(logging.DEBUG)
@@ -429,7 +424,6 @@ def _train_and_finish(cfg, backend, tokenizer, data, data_record, run_dir: Path,
     modules, parameters = backend.targets
     base_revision = getattr(model.get_base_model().config, "_commit_hash", None) or _hub_commit(cfg.model, cfg.revision)
     info = {
-        "format": 1,
         "run": name,
         **base_fields(cfg.model, base_revision),
         "backend": cfg.backend,
@@ -462,11 +456,11 @@ def _train_and_finish(cfg, backend, tokenizer, data, data_record, run_dir: Path,
             "trainable_at_end": groups_end,
             "experts_trained": experts_trained,
         },
-        "dataset": data_record,
+        "dataset": DataInfo(**data_record),
         "versions": _versions(),
         "config": cfg.to_dict(),
     }
-    _write_json(run_dir / INFO_FILE, info)
+    TrainingInfo(**info).write(run_dir)
     final = run_dir.with_name(name)
     if run_dir != final:
         os.replace(run_dir, final)
