@@ -18,8 +18,10 @@ exists, so a 10-minute command limit can be met by running them in several calls
 
 Needs (no network): torch, transformers, safetensors, numpy (present on the device image) and the
 wheels bench/carry_export.sh collects (peft, accelerate, fire, openai-harmony, tiktoken, regex,
-llama-cpp-python 0.3.36, ...) plus the pinned llama.cpp converter and llama-quantize under
-.cache/gptoss. Environment: GPTOSS_CACHE=$PWD/.cache/gptoss GPTOSS_O200K_GZ=$GPTOSS_CACHE/o200k_base.tiktoken.gz
+diskcache, ...) plus the pinned llama.cpp (converter, bindings, llama-quantize and its libraries)
+under .cache/gptoss/llama.cpp. Environment: GPTOSS_CACHE=$PWD/.cache/gptoss
+GPTOSS_O200K_GZ=$GPTOSS_CACHE/o200k_base.tiktoken.gz GPTOSS_LLAMA_CPP_BIN=$GPTOSS_CACHE/llama.cpp/bin
+GPTOSS_LLAMA_CPP_SRC=$GPTOSS_CACHE/llama.cpp/src
 """
 
 from __future__ import annotations

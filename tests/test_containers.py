@@ -39,7 +39,8 @@ def _docker(*args: str, check: bool = True, timeout: int = 600) -> subprocess.Co
 
 @pytest.fixture(scope="session")
 def wheelhouse() -> Path:
-    """The local wheelhouse knob: the CPU torch wheel, llama-cpp-python (wheel + sdist) from this machine."""
+    """The local wheelhouse knob: the CPU torch wheel and the llama-cpp-python sdist (llama.cpp's
+    source; the images build it) from this machine."""
     import sys
 
     from gptoss import llamacpp
@@ -48,10 +49,6 @@ def wheelhouse() -> Path:
     pip = [sys.executable, "-m", "pip"]
     if not list(WHEELHOUSE.glob("torch-*.whl")):
         subprocess.run([*pip, "download", "--no-deps", "-d", str(WHEELHOUSE), "torch==2.13.0"], check=True, capture_output=True)
-    if not list(WHEELHOUSE.glob("llama_cpp_python-*.whl")):
-        # Reuses pip's cache of the wheel built by `pip install -e .[dev]`.
-        subprocess.run([*pip, "wheel", "--no-deps", "-w", str(WHEELHOUSE), f"llama-cpp-python=={llamacpp.LLAMA_CPP_PYTHON_VERSION}"],
-                       check=True, capture_output=True)
     sdist = WHEELHOUSE / llamacpp.SDIST_NAME
     if not sdist.is_file():
         shutil.copy(llamacpp.sdist(), sdist)
