@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from exporters.errors import ExportStageError, MissingFilesError
+from gptoss.hubid import is_hub_id
 from gptoss import layouts
 
 CONFIG = "config.json"
@@ -61,7 +62,7 @@ def resolve_model_dir(id_or_dir: str, *, revision: str | None = None, what: str 
     path = Path(id_or_dir).expanduser()
     if path.is_dir():
         return path.absolute(), None
-    if path.exists() or id_or_dir.startswith((".", "/", "~")) or id_or_dir.count("/") != 1:
+    if not is_hub_id(id_or_dir):
         raise MissingFilesError(f"{what} {id_or_dir}: no such folder (and not a Hugging Face id 'owner/name')")
     try:
         from huggingface_hub import constants, snapshot_download

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Literal
 
 from gptoss.latest import LATEST, switch_latest
+from gptoss.folders import gguf_name
+from gptoss.machine import mem_available_bytes
 from gptoss.records import GGUFArtifact, Manifest, MergedFolder, TrainingInfo
 
 from exporters import fidelity as fid
@@ -42,16 +44,6 @@ DISK_MARGIN = 1.05
 class ExportResult:
     manifest_path: Path
     manifest: dict  # manifest.json as written (Manifest.to_dict())
-
-
-def _mem_available() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def write_modelfile(gguf_path: Path, merged_dir: Path) -> Path | None:
@@ -107,7 +99,7 @@ def _compare_hf_wanted(compare_hf: str, merged_bytes: int) -> bool:
         return True
     if compare_hf == "off":
         return False
-    avail = _mem_available()
+    avail = mem_available_bytes()
     # float32 copy of the model plus logits: stay well inside available memory
     return avail is not None and merged_bytes * 2 * 1.5 < avail * 0.6
 
@@ -208,7 +200,7 @@ def export_run(run: str | None = None, *, quants="q4_k_m,q5_k_m", also="", merge
     plan = []
     for kind in kinds:
         q = get_quant(kind)
-        path = gguf_dir / f"{stem}-{q.label}.gguf"
+        path = gguf_dir / gguf_name(stem, q.label)
         inputs = {"merged": merged_ident, "quant": q.name, "llama_cpp_commit": commit,
                   "source": "merged" if q.from_converter else f"{stem}-F16.gguf"}
         record = records.read_json(rec_dir / f"{path.name}.json")

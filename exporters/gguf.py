@@ -254,28 +254,6 @@ class GgufInfo:
     tensors: dict[str, GgufTensor]
 
 
-class _Cursor:
-    def __init__(self, f):
-        self.f = f
-
-    def unpack(self, fmt: str):
-        import struct
-
-        size = struct.calcsize(fmt)
-        data = self.f.read(size)
-        if len(data) != size:
-            raise ConversionError(f"{getattr(self.f, 'name', 'GGUF')}: truncated GGUF header")
-        return struct.unpack(fmt, data)
-
-    def string(self) -> bytes:
-        (n,) = self.unpack("<Q")
-        return self.f.read(n)
-
-
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-STRING, ARRAY = 8, 9  # gguf.GGUFValueType.STRING / ARRAY
-
-
 def inspect(path: Path, keys: tuple[str, ...] = ("general.architecture", "general.file_type", GGUF_CHAT_TEMPLATE,
                                                    "tokenizer.ggml.eos_token_id")) -> GgufInfo:
     """Tensor table, type histogram and a few metadata values of a GGUF.
@@ -284,31 +262,14 @@ def inspect(path: Path, keys: tuple[str, ...] = ("general.architecture", "genera
     ~20 s per gpt-oss file); type names and block sizes come from the vendored gguf-py, and a test
     checks the result against GGUFReader.
     """
+    from modelfiles import gguf_header
+
     gguf = gguf_module()
-    wanted = set(keys) | {"general.alignment"}
-    meta: dict[str, object] = {}
-    with open(path, "rb") as f:
-        c = _Cursor(f)
-        magic, version = c.unpack("<II")
-        if magic != gguf.GGUF_MAGIC or version < 2:
-            raise ConversionError(f"{path} is not a GGUF v2+ file")
-        n_tensors, n_kv = c.unpack("<QQ")
-        for _ in range(n_kv):
-            key = c.string().decode("utf-8", errors="replace")
-            (vtype,) = c.unpack("<I")
-            value = _read_value(c, vtype, keep=key in wanted)
-            if key in wanted:
-                meta[key] = value
-        tensors: dict[str, GgufTensor] = {}
-        infos = []
-        for _ in range(n_tensors):
-            name = c.string().decode("utf-8")
-            (n_dims,) = c.unpack("<I")
-            dims = list(c.unpack(f"<{n_dims}Q"))
-            ttype, offset = c.unpack("<IQ")
-            infos.append((name, dims, ttype, offset))
-        align = int(meta.pop("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
-        data_start = f.tell() + (-f.tell() % align)
+    header = gguf_header.read_header(path, keys)
+    meta = header.metadata
+    tensors: dict[str, GgufTensor] = {}
+    data_start = header.data_start
+    infos = [(t.name, t.dims, t.type_id, t.offset) for t in header.tensors]
     hist: dict[str, int] = {}
     nbytes: dict[str, int] = {}
     for name, dims, ttype, offset in infos:
@@ -324,24 +285,6 @@ def inspect(path: Path, keys: tuple[str, ...] = ("general.architecture", "genera
     return GgufInfo(len(tensors), dict(sorted(hist.items())), dict(sorted(nbytes.items())),
                     {t.name: t.type for t in tensors.values()}, meta, {t.name: t.shape for t in tensors.values()},
                     tensors)
-
-
-def _read_value(c: _Cursor, vtype: int, *, keep: bool):
-    if vtype in _SCALARS:
-        return c.unpack(_SCALARS[vtype])[0]
-    if vtype == STRING:
-        raw = c.string()
-        return raw.decode("utf-8", errors="replace") if keep else None
-    if vtype == ARRAY:
-        item_type, count = c.unpack("<IQ")
-        if item_type in _SCALARS and not keep:
-            import struct
-
-            c.f.seek(count * struct.calcsize(_SCALARS[item_type]), 1)
-            return None
-        items = [_read_value(c, item_type, keep=keep) for _ in range(count)]
-        return items if keep else None
-    raise ConversionError(f"unknown GGUF value type {vtype}")
 
 
 def read_tensor(path: Path, name: str):

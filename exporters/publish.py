@@ -32,6 +32,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gptoss.errors import ToolchainError
+from gptoss.folders import Folders
+from gptoss.hubid import is_hub_id as _is_hub_id
+from gptoss.machine import package_version
+from gptoss.progress import human_bytes
+from modelfiles import gguf_header
 from gptoss.records import Manifest, Published, PublishedRepo, TrainingInfo
 
 WHATS = ("adapter", "merged", "gguf")
@@ -47,7 +52,6 @@ MERGED_REQUIRED = ("config.json",)
 # merge's own record (inputs with local paths, timings): provenance stays local, the card summarises it.
 MERGE_RECORD = "merge_info.json"
 
-GGUF_MAGIC = b"GGUF"
 # Files the Hub's Ollama integration reads from a GGUF repo (hub-docs: docs/hub/ollama.md).
 OLLAMA_TEMPLATE_FILE = "template"
 OLLAMA_PARAMS_FILE = "params"
@@ -277,14 +281,16 @@ def _as_dict(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _locate(run: Path, problems: list[str]) -> tuple[Path | None, Path | None]:
-    """(training run folder, export folder) for ``--run``: either ``models/<run>`` or ``exports/<run>``."""
+def _locate(run: Path, problems: list[str], *, models_dir: str | os.PathLike | None = None,
+            exports_dir: str | os.PathLike | None = None) -> tuple[Path | None, Path | None]:
+    """(training run folder, export folder) for ``--run``: either ``models/<run>`` or ``exports/<run>``;
+    the other is found through the folder layout (gptoss/folders.py; ``--models-dir`` / ``--exports-dir``)."""
     if not run.is_dir():
         problems.append(f"--run {run}: no such directory (give models/<run> or exports/<run>)")
         return None, None
     run = run.resolve()
     if (run / TRAINING_INFO).is_file():
-        export_dir = run.parent.parent / "exports" / run.name
+        export_dir = Folders.of(models_dir=models_dir or run.parent, exports_dir=exports_dir).export_dir(run.name)
         return run, export_dir if (export_dir / MANIFEST).is_file() else None
     if (run / MANIFEST).is_file():
         training_dir = None
@@ -294,7 +300,7 @@ def _locate(run: Path, problems: list[str]) -> tuple[Path | None, Path | None]:
         if isinstance(recorded, str) and recorded:
             p = Path(recorded)
             candidates += [p] if p.is_absolute() else [run / p, Path.cwd() / p]
-        candidates.append(run.parent.parent / "models" / run.name)
+        candidates.append(Folders.of(models_dir=models_dir, exports_dir=exports_dir or run.parent).run_dir(run.name))
         for c in candidates:
             if (c / TRAINING_INFO).is_file():
                 training_dir = c.resolve()
@@ -573,10 +579,9 @@ def _plan_gguf(manifest: ExportManifest, problems: list[str]) -> tuple[list[Repo
         if not a.path.is_file():
             problems.append(f"{a.path}: GGUF listed in {MANIFEST} is missing; re-run `gptoss export`")
             continue
-        with open(a.path, "rb") as fh:
-            if fh.read(4) != GGUF_MAGIC:
-                problems.append(f"{a.path}: not a GGUF file (bad magic); re-run `gptoss export`")
-                continue
+        if not gguf_header.is_gguf(a.path):
+            problems.append(f"{a.path}: not a GGUF file (bad magic); re-run `gptoss export`")
+            continue
         if not a.quant:
             problems.append(f"{where}: artifact {a.rel} has no 'quant'")
             continue
@@ -736,7 +741,8 @@ NO_TOKEN = "no Hugging Face token: set HF_TOKEN or run `hf auth login` (a write 
 
 def plan_publish(
     *, run: str | os.PathLike, repo_id: str, what: str, revision: str = "main", private: bool = False,
-    token: str | None = None, need_token: bool = False,
+    token: str | None = None, need_token: bool = False, models_dir: str | os.PathLike | None = None,
+    exports_dir: str | os.PathLike | None = None,
 ) -> PublishPlan:
     """Read the records, check every file, build the card; touches no network.
 
@@ -749,7 +755,8 @@ def plan_publish(
         problems.append(NO_TOKEN)
     revision = _check_args(repo_id, what, revision, private, problems)
     if isinstance(run, (str, os.PathLike)) and str(run):
-        training_dir, export_dir = _locate(Path(run).expanduser(), problems)
+        training_dir, export_dir = _locate(Path(run).expanduser(), problems, models_dir=models_dir,
+                                           exports_dir=exports_dir)
     else:
         problems.append(f"--run {run!r}: give the run folder (models/<run> or exports/<run>)")
         training_dir = export_dir = None
@@ -804,12 +811,6 @@ def plan_publish(
 # The model card.
 
 
-def _is_hub_id(value: str | None) -> bool:
-    if not value or value.startswith((".", "/", "~")) or Path(value).suffix in (".jsonl", ".json", ".parquet", ".csv"):
-        return False
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None and not Path(value).exists()
-
-
 def _public(value: Any) -> Any:
     """Local absolute paths reduced to their last component: cards must not leak home folders."""
     if isinstance(value, dict):
@@ -822,11 +823,7 @@ def _public(value: Any) -> Any:
 
 
 def _human_size(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n} B" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"
+    return human_bytes(n, digits=2)
 
 
 def _fmt(value: Any) -> str:
@@ -838,12 +835,7 @@ def _fmt(value: Any) -> str:
 
 
 def _toolchain_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("gptoss-toolchain")
-    except PackageNotFoundError:
-        return "unknown"
+    return package_version("gptoss-toolchain") or "unknown"
 
 
 def _published(folder: Path | None) -> dict:
@@ -1328,6 +1320,8 @@ def publish(
     private: bool = False,
     revision: str = "main",
     dry_run: bool = False,
+    models_dir: str | None = None,
+    exports_dir: str | None = None,
 ) -> str:
     """Publish a run's adapter, merged model or GGUFs to the Hugging Face Hub, with a model card.
 
@@ -1338,6 +1332,8 @@ def publish(
         private: create the repo private (an existing public repo is refused).
         revision: branch to commit to; created from main when missing.
         dry_run: print the file list and the model card; nothing is sent.
+        models_dir: where training runs are (default: beside the exports folder, ./models).
+        exports_dir: where exports are (default: beside the models folder, ./exports).
     Returns:
         The commit URL (or, with --dry-run, the plan).
     """
@@ -1345,7 +1341,7 @@ def publish(
     token = _find_token()
     plan = plan_publish(
         run=run, repo_id=repo_id, what=what, revision=revision, private=private, token=token,
-        need_token=not dry_run,
+        need_token=not dry_run, models_dir=models_dir, exports_dir=exports_dir,
     )
     if dry_run:
         return _scrub(plan.describe(), token)

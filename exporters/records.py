@@ -1,4 +1,5 @@
-"""Records beside the artifacts: file digests, atomic JSON writes, versions, free disk space."""
+"""Records beside the artifacts: file digests and content identities. The helpers re-exported here
+live in gptoss (records: the atomic JSON writer; machine: versions, memory, disk; progress: sizes)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import sys
-import tempfile
 from pathlib import Path
+
+from gptoss.machine import free_bytes, package_versions, peak_rss_bytes  # noqa: F401 (used as records.*)
+from gptoss.progress import human_bytes as human  # noqa: F401
+from gptoss.records import write_json_atomic  # noqa: F401
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 8 << 20
@@ -61,23 +63,6 @@ def same_content(a: dict | None, b: dict | None) -> bool:
     return a is not None and b is not None and _content(a) == _content(b)
 
 
-def write_json_atomic(path: str | os.PathLike, data) -> None:
-    """Write JSON to a temporary name in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def read_json(path: str | os.PathLike) -> dict | None:
     try:
         return json.loads(Path(path).read_text())
@@ -85,41 +70,13 @@ def read_json(path: str | os.PathLike) -> dict | None:
         return None
 
 
-def free_bytes(path: str | os.PathLike) -> int:
-    """Free bytes on the filesystem that holds ``path`` (its nearest existing parent)."""
-    p = Path(path).absolute()
-    while not p.exists():
-        p = p.parent
-    return shutil.disk_usage(p).free
+EXPORT_PACKAGES = ("gptoss-toolchain", "torch", "transformers", "safetensors", "peft", "llama_cpp_python",
+                   "bitsandbytes", "numpy")
 
 
 def versions() -> dict[str, str]:
-    """Versions of what shapes the artifacts."""
-    from importlib import metadata
-
-    out = {"python": sys.version.split()[0]}
-    for dist in ("gptoss-toolchain", "torch", "transformers", "safetensors", "peft", "llama_cpp_python", "bitsandbytes",
-                 "numpy"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n} B"
+    """Versions of what shapes the artifacts (packages not installed left out)."""
+    return {k: v for k, v in package_versions(EXPORT_PACKAGES).items() if v is not None}
 
 
 def identity(record: dict) -> str:

@@ -12,13 +12,10 @@ from pathlib import Path
 from typing import Literal
 
 from exporters.errors import ExportStageError, MissingFilesError
+from gptoss.folders import ADAPTER_DIR, GGUF_DIR, MERGED_DIR, Folders  # noqa: F401 (GGUF_DIR, MERGED_DIR: used as runs.*)
 from gptoss.records import RecordError, TrainingInfo
 
 TRAINING_INFO = TrainingInfo.FILE
-ADAPTER_DIR = "adapter"
-EXPORTS_ROOT = "exports"
-MERGED_DIR = "merged"
-GGUF_DIR = "gguf"
 # What a LoRA trained on a 4-bit base is merged into: its 16-bit original (default) or the 4-bit base
 # dequantized (the weights the adapter was trained against, rounding included).
 MergeInto = Literal["original", "dequantized"]
@@ -40,8 +37,8 @@ class MergeInputs:
 def resolve_run(run: str, *, merge_into: str = "original", merge_base: str | None = None) -> MergeInputs:
     """``--run DIR`` (or a name under ./models/) -> adapter, base and run name."""
     path = Path(run).expanduser()
-    if not path.is_dir() and not path.is_absolute() and (Path("models") / run).is_dir():
-        path = Path("models") / run
+    if not path.is_dir() and not path.is_absolute() and Folders.of().run_dir(run).is_dir():
+        path = Folders.of().run_dir(run)
     if not path.is_dir():
         raise MissingFilesError(f"--run {run}: no such run folder (expected models/<run>/ with adapter/ and {TRAINING_INFO})")
     real = path.resolve()  # models/latest -> the run it points at
@@ -83,4 +80,4 @@ def resolve_inputs(run: str | None, base: str | None, adapter: str | None, *, me
 
 
 def export_root(name: str, exports_dir: str | None = None) -> Path:
-    return (Path(exports_dir) if exports_dir else Path(EXPORTS_ROOT)).absolute() / name
+    return Folders.of(exports_dir=exports_dir).export_dir(name)

@@ -12,12 +12,13 @@ import time
 from typing import TextIO
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+def human_bytes(n: float, digits: int = 1) -> str:
+    """Bytes for people, in SI units (1 kB = 1000 B, 1 MB = 1000 kB, ...): the one size format."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.{digits}f} {unit}"
         n /= 1000
-    return str(n)
+    return f"{n} B"
 
 
 def human_seconds(s: float) -> str:

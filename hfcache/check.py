@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from hfcache.layout import COMMIT_RE, RepoType, default_cache_dir
+from gptoss.hubid import is_hub_id
 from gptoss.layouts import SIXTEEN_BIT_ORIGINALS, sixteen_bit_original
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -81,7 +82,7 @@ def auto_backend() -> Literal["unsloth", "transformers"]:
 
 
 def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or name.count("/") != 1
+    return not is_hub_id(name)
 
 
 def configured_needs(*, profile: str | None = None, model: str | None = None, dataset: str | None = None,

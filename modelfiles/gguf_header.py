@@ -1,12 +1,14 @@
 """Read the key/value metadata at the head of a GGUF file, without reading its tensors.
 
 A GGUF file starts with the magic ``GGUF``, a version (2 or 3), the tensor and key/value counts,
-then the key/value pairs. Only that head is read, so a 13 GB GGUF costs a few kilobytes. The
+the key/value pairs, then the tensor table. Only that head is read, so a 13 GB GGUF costs a few
+kilobytes. The one GGUF header reader: the Modelfiles stage, export's inspection and publish use it. The
 names below mirror gguf-py's ``constants.py`` (tests/test_modelfile.py checks they agree).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,12 +18,14 @@ from gptoss.errors import ToolchainError
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32  # gguf-py GGUF_DEFAULT_ALIGNMENT
 
 
 class Keys:
     """GGUF metadata keys (gguf-py ``Keys``)."""
 
     ARCHITECTURE = "general.architecture"
+    ALIGNMENT = "general.alignment"
     NAME = "general.name"
     CONTEXT_LENGTH = "{arch}.context_length"
 
@@ -76,11 +80,46 @@ def _value(f: BinaryIO, vtype: int, keep: bool) -> Any:
     raise ValueError(f"unknown metadata value type {vtype}")
 
 
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dims: list[int]  # GGUF order: ne0 (contiguous) first
+    type_id: int  # GGMLQuantizationType value
+    offset: int  # byte offset of the data from data_start
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    version: int
+    metadata: dict[str, Any]  # the keys asked for (all when none were named)
+    tensors: list[TensorInfo]
+    data_start: int  # absolute offset of the tensor data (after alignment)
+
+
+def is_gguf(path: str | Path) -> bool:
+    """The file starts with the GGUF magic."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
 def read_metadata(path: str | Path, keys: Iterable[str] | None = None) -> dict[str, Any]:
     """Metadata of the GGUF at ``path``: the given keys (stops once all are found), or all of them.
 
     Raises GGUFHeaderError naming the file when it is missing, unreadable or not a GGUF.
     """
+    return _parse(path, keys, tensors=False).metadata
+
+
+def read_header(path: str | Path, keys: Iterable[str] | None = None) -> Header:
+    """The whole head of a GGUF: the metadata ``keys`` (all when None), the tensor table and where the
+    data starts. Only the head is read."""
+    return _parse(path, keys, tensors=True)
+
+
+def _parse(path: str | Path, keys: Iterable[str] | None, *, tensors: bool) -> Header:
     path = Path(path)
     wanted = set(keys) if keys is not None else None
     hint = "pass the path of a .gguf file written by `gptoss export` or llama.cpp's convert_hf_to_gguf.py"
@@ -103,18 +142,29 @@ def read_metadata(path: str | Path, keys: Iterable[str] | None = None) -> dict[s
                     f"{path}: GGUF version {version} is not supported (only {' and '.join(map(str, SUPPORTED_VERSIONS))},"
                     " little-endian); re-convert it with a current llama.cpp"
                 )
-            _tensor_count, kv_count = _unpack(f, "<Q"), _unpack(f, "<Q")
+            tensor_count, kv_count = _unpack(f, "<Q"), _unpack(f, "<Q")
             out: dict[str, Any] = {}
+            alignment = DEFAULT_ALIGNMENT
             for _ in range(kv_count):
                 key = _string(f)
                 vtype = _unpack(f, "<I")
-                keep = wanted is None or key in wanted
+                keep = wanted is None or key in wanted or (tensors and key == Keys.ALIGNMENT)
                 value = _value(f, vtype, keep)
-                if keep:
+                if key == Keys.ALIGNMENT and isinstance(value, int):
+                    alignment = value
+                if keep and (wanted is None or key in wanted):
                     out[key] = value
-                    if wanted is not None and wanted <= out.keys():
+                    if not tensors and wanted is not None and wanted <= out.keys():
                         break
-            return out
+            infos: list[TensorInfo] = []
+            if tensors:
+                for _ in range(tensor_count):
+                    name = _string(f)
+                    n_dims = _unpack(f, "<I")
+                    dims = [_unpack(f, "<Q") for _ in range(n_dims)]
+                    infos.append(TensorInfo(name, dims, _unpack(f, "<I"), _unpack(f, "<Q")))
+            here = f.tell()
+            return Header(version, out, infos, here + (-here % alignment))
         except _Truncated:
             raise GGUFHeaderError(f"{path}: the GGUF header is truncated; the file is incomplete, copy or export it again") from None
         except (ValueError, UnicodeDecodeError, OverflowError, OSError) as e:

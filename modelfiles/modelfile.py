@@ -11,6 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from gptoss import folders
 from gptoss import harmony
 from gptoss.errors import ToolchainError
 from modelfiles import gguf_header
@@ -29,7 +30,7 @@ TOP_P = 1.0
 # Ollama's own comment on gpt-oss: "works best with a context length of at least 8k".
 DEFAULT_NUM_CTX = 8192
 MIN_NUM_CTX = 256
-MODELFILE_SUFFIX = ".Modelfile"
+MODELFILE_SUFFIX = folders.MODELFILE_SUFFIX
 
 
 class ModelfileError(ToolchainError):
@@ -38,7 +39,7 @@ class ModelfileError(ToolchainError):
 
 def default_out(gguf: Path) -> Path:
     """Where a GGUF's Modelfile goes by default: beside it, ``<stem>.Modelfile``."""
-    return gguf.with_name(gguf.stem + MODELFILE_SUFFIX)
+    return folders.modelfile_path(gguf)
 
 
 def _dropped_by_ollama(text: str) -> list[str]:

@@ -10,15 +10,14 @@ transformers:  a checkpoint folder (merged, or the base of ``--adapter``); an ex
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 
+from gptoss.hubid import is_hub_id
 from gptoss.records import Manifest, TrainingInfo
 
 MANIFEST = Manifest.FILE
 TRAINING_INFO = TrainingInfo.FILE
 ADAPTER_DIR = "adapter"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +66,7 @@ def resolve_gguf(model: Path, quant: str | None, problems: list[str]) -> Resolve
 def resolve_checkpoint(model: str, adapter: str | None, problems: list[str]) -> ResolvedModel | None:
     path = Path(model).expanduser()
     if not path.exists():
-        if HUB_ID.match(model):
+        if is_hub_id(model):
             return ResolvedModel(model, adapter, source="Hub id (from the Hugging Face cache)")
         problems.append(f"--model {model} does not exist (give a checkpoint folder, models/<run>, exports/<run> or a Hub id)")
         return None

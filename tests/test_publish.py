@@ -155,6 +155,21 @@ def test_card_for_a_local_base_and_dataset_names_no_hub_ids(runs, tmp_path):
     assert str(tmp_path) not in text and "`<local>/tiny`" in text and "`<local>/train.jsonl`" in text
 
 
+def test_exports_dir_is_honoured_not_guessed(runs, tmp_path):
+    """The export of models/<run> is found through the folder layout: beside models/ by default,
+    wherever --exports-dir says otherwise."""
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "exports"
+    moved.parent.mkdir()
+    shutil.move(runs.export_dir.parent, moved)
+    with pytest.raises(pub.PublishError, match="--what gguf needs the export folder"):
+        pub.plan_publish(run=runs.training_dir, repo_id="acme/x-GGUF", what="gguf")
+    plan = pub.plan_publish(run=runs.training_dir, repo_id="acme/x-GGUF", what="gguf", exports_dir=moved)
+    assert plan.manifest.export_dir == moved / RUN and plan.training.run_dir == runs.training_dir
+    assert {f.path_in_repo for f in plan.files} >= {f"{RUN}-Q4_K_M.gguf", "README.md"}
+
+
 def test_gguf_card_without_a_training_record(runs):
     import shutil
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss import harmony
+from gptoss.hubid import is_hub_id
 from gptoss.errors import ToolchainError
 
 log = logging.getLogger("gptoss.train")
@@ -160,7 +161,7 @@ class _BadRow:
 
 
 def looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).suffix in SUFFIXES or name.count("/") != 1
+    return Path(name).suffix in SUFFIXES or not is_hub_id(name)
 
 
 def resolve_source(dataset: str, *, split: str = "train", revision: str | None = None) -> Source:

@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
-import platform
-import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from gptoss.errors import ToolchainError
+from gptoss.hubid import is_hub_id
 from gptoss.latest import LATEST, switch_latest
+from gptoss.machine import package_versions, peak_rss_bytes
 from gptoss.records import DataInfo, TrainingInfo, write_json_atomic
 from training import backends as backends_mod
 from training import config as config_mod
@@ -59,7 +58,7 @@ def _cuda_available() -> bool:
 
 
 def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or name.count("/") != 1
+    return not is_hub_id(name)
 
 
 def environment_problems(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -201,16 +200,6 @@ def resolve(overrides: dict[str, Any], resume: Any = None) -> tuple[TrainConfig,
 # The run
 
 
-def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def _hub_commit(model: str, revision: str | None) -> str | None:
     """The commit a Hub id was loaded at, read from the local HF cache (works offline); None for a
     local folder. Falls back to the revision asked for."""
@@ -261,7 +250,7 @@ def _new_run_dir(cfg: TrainConfig) -> Path:
 
 
 def _peak_memory(device: str) -> dict[str, int | None]:
-    out: dict[str, int | None] = {"cpu_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    out: dict[str, int | None] = {"cpu_rss_bytes": peak_rss_bytes()}
     if device == "cuda":
         import torch
 
@@ -457,7 +446,7 @@ def _train_and_finish(cfg, backend, tokenizer, data, data_record, run_dir: Path,
             "experts_trained": experts_trained,
         },
         "dataset": DataInfo(**data_record),
-        "versions": _versions(),
+        "versions": package_versions(VERSIONED_PACKAGES),
         "config": cfg.to_dict(),
     }
     TrainingInfo(**info).write(run_dir)
