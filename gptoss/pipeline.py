@@ -409,15 +409,18 @@ def artifacts_table(manifest: dict):
 def answers_table(question: Question, answers: list[Answer]):
     from rich.table import Table
 
-    table = Table(title=f"Answers to {question.user_text!r} ({question.source}; greedy, seed 0, "
+    source = os.path.basename(question.source) if os.path.isabs(question.source) else question.source
+    table = Table(title=f"Answers to {question.user_text!r} ({source}; greedy, seed 0, "
                         f"reasoning effort {question.reasoning_effort})",
                   caption=f"trained answer: reasoning {question.reasoning!r}, content {question.content!r}; "
-                          "differences counted in o200k tokens from 0")
-    for col in ("answer from", "engine", "reasoning", "content", "vs trained answer", "vs F16 GGUF"):
+                          "differences counted in o200k tokens from 0; (none): no Harmony message of that kind "
+                          "among the tokens generated")
+    for col in ("answer from", "engine", "reasoning", "content", "tokens", "vs trained answer", "vs F16 GGUF"):
         table.add_column(col)
     for a in answers:
         table.add_row(a.label, "llama.cpp" if a.backend == "llamacpp" else a.backend, a.reasoning or "(none)",
-                      a.content or "(none)", _same(a.vs_trained), "" if a.quant in (None, "f16") else _same(a.vs_f16))
+                      a.content or "(none)", f"{a.completion_tokens} ({a.finish_reason})", _same(a.vs_trained),
+                      "" if a.quant in (None, "f16") else _same(a.vs_f16))
     return table
 
 
@@ -475,12 +478,15 @@ def _train_command(flags: dict[str, Any]) -> str:
 def pipeline(*, demo: bool = False, model: str | None = None, dataset: str | None = None, work: str = ".",
              profile: str = "quick_test", max_steps: int | None = None, quants: str = "q4_k_m,q5_k_m",
              serve: bool = True, serve_timeout: float = 300.0) -> str:
-    """Run every stage once: fixture/base -> train -> merge -> GGUF F16/Q4_K_M/Q5_K_M -> Modelfiles -> serve -> summary.
+    """Run every stage once: fixture/base -> train -> merge -> GGUF F16/Q4_K_M/Q5_K_M -> Modelfiles -> ask -> summary.
+
+    The summary asks the training data's first question of the base model and of the fine-tune as
+    adapter, merged model, F16 and quant GGUF, and names any answer that differs from the trained one.
 
     Args:
         demo: use the embedded tiny gpt-oss (written with `gptoss fixture tiny`) and the bundled demo set, on CPU, trained until it answers.
         model: base model (Hub id or folder); required unless --demo.
-        dataset: training data (JSONL or Parquet; its first row is the question the summary asks); default with --demo: the bundled demo set.
+        dataset: training data (Hub id, JSONL or Parquet; its first usable row is the question the summary asks); default with --demo: the bundled demo set.
         work: folder that receives models/, exports/, logs/ and pipeline_summary.json (default: the current folder).
         profile: training profile (default quick_test; --demo uses its own tuned flags, printed as a `gptoss train` command).
         max_steps: override the profile's step count.
