@@ -21,9 +21,11 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from gptoss.errors import ToolchainError
+from gptoss.folders import Folders
+from gptoss.records import Manifest, Record, field
 
 DEMO_DATASET = "demo_harmony.jsonl"
 # The question asked in the summary is the dataset's first row. A tiny random model memorises the
@@ -40,7 +42,6 @@ DEMO_TRAIN_FLAGS: dict[str, Any] = {
     "device": "cpu", "seed": 0, "reasoning_effort": "low", "loss_target": 7.5, "underfit_above": 8.0,
 }
 SUMMARY_FILE = "pipeline_summary.json"
-SUMMARY_SCHEMA_VERSION = 2
 SERVE_LOG_TAIL = 25  # lines of a failed server's log shown in the error
 
 
@@ -323,49 +324,25 @@ def ask_all(asks: list[tuple[str, str, str, str | None]], *, question: Question,
 
 
 @dataclasses.dataclass
-class PipelineSummary:
-    """pipeline_summary.json: what `gptoss pipeline` ran and what each model answered."""
+class PipelineSummary(Record):
+    """``<work>/pipeline_summary.json``: what `gptoss pipeline` ran and what each model answered."""
 
-    run: str  # models/<run>
-    manifest: str  # exports/<run>/manifest.json
-    train_command: str
-    question: Question
-    answers: list[Answer]
-    stages: dict[str, float]  # stage -> wall seconds
-    cpu_seconds: dict[str, float]  # stage -> user + system seconds (the pipeline and its children)
-    schema_version: int = SUMMARY_SCHEMA_VERSION
+    FILE: ClassVar[str] = SUMMARY_FILE
+    COMMAND: ClassVar[str] = "gptoss pipeline"
+    SCHEMA_VERSION: ClassVar[int] = 2
 
-    def write(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "PipelineSummary":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise PipelineError(f"{path}: cannot read it ({e}); `gptoss pipeline` writes it") from None
-        if raw.get("schema_version") != SUMMARY_SCHEMA_VERSION:
-            raise PipelineError(f"{path}: schema_version {raw.get('schema_version')!r}, expected {SUMMARY_SCHEMA_VERSION}; "
-                                "run `gptoss pipeline` again")
-        try:
-            return cls(**{**raw, "question": Question(**raw["question"]), "answers": [Answer(**a) for a in raw["answers"]]})
-        except (KeyError, TypeError) as e:
-            raise PipelineError(f"{path}: unexpected fields ({e}); run `gptoss pipeline` again") from None
+    run: str = field("the training run folder (models/<run>)")
+    manifest: str = field("the export's manifest.json")
+    train_command: str = field("the `gptoss train` command the pipeline ran")
+    question: Question = field("the question asked and its trained answer")
+    answers: list[Answer] = field("each model's answer and its comparisons", factory=list)
+    stages: dict = field("stage -> wall seconds", factory=dict)
+    cpu_seconds: dict = field("stage -> user + system seconds of the pipeline and its children", factory=dict)
+    schema_version: int = field("schema of this record", SCHEMA_VERSION)
 
 
 # ---------------------------------------------------------------------------------------------
 # Tables
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _fmt(x) -> str:
@@ -385,24 +362,24 @@ def _reference_name(reference: str) -> str:
     return reference
 
 
-def artifacts_table(manifest: dict):
+def artifacts_table(manifest: Manifest):
     """Each GGUF's size and logits fidelity, against the reference its own row names."""
     from rich.table import Table
+
+    from gptoss.progress import human_bytes
 
     art = Table(title="GGUFs (exports/<run>/manifest.json): each file's logits against the reference in its row",
                 caption="F16 is measured against the merged model, every quant against F16; "
                         "KL(reference‖file) of the next-token distributions; top-1: share of positions with the same top token")
     for col in ("GGUF", "size", "fallbacks", "measured against", "NMSE", "KL", "top-1", "gate"):
         art.add_column(col)
-    for a in manifest.get("artifacts", []):
-        fid = a.get("fidelity") or {}
-        fallbacks = a.get("fallbacks")
+    for a in manifest.artifacts:
+        fid = a.fidelity or {}
         reference = _reference_name(fid["reference"]) if fid.get("reference") else (
             f"not measured: {fid['skipped']}" if fid.get("skipped") else "")
         gate = "" if fid.get("passed") is None else ("passed" if fid["passed"] else "FAILED")
-        art.add_row(str(a.get("label") or a.get("quant") or Path(a.get("path", "?")).name), _human(int(a.get("size", 0))),
-                    str(fallbacks.get("count", fallbacks) if isinstance(fallbacks, dict) else (fallbacks if fallbacks is not None else "")),
-                    reference, _fmt(fid.get("nmse")), _fmt(fid.get("mean_kl")), _fmt(fid.get("top1_agreement")), gate)
+        art.add_row(a.label, human_bytes(a.size), str(a.fallbacks), reference, _fmt(fid.get("nmse")),
+                    _fmt(fid.get("mean_kl")), _fmt(fid.get("top1_agreement")), gate)
     return art
 
 
@@ -502,7 +479,8 @@ def pipeline(*, demo: bool = False, model: str | None = None, dataset: str | Non
         raise PipelineError(f"--serve-timeout must be a positive number of seconds, got {serve_timeout!r}")
     console = Console(stderr=True)
     root = Path(work).expanduser().absolute()
-    models_dir, exports_dir, logs_dir = root / "models", root / "exports", root / "logs"
+    folders = Folders.of(models_dir=root / "models", exports_dir=root / "exports")
+    models_dir, exports_dir, logs_dir = folders.models_dir, folders.exports_dir, root / "logs"
     for d in (models_dir, exports_dir, logs_dir):
         d.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
@@ -545,16 +523,15 @@ def pipeline(*, demo: bool = False, model: str | None = None, dataset: str | Non
     run_dir = training.train(**flags)
     lap("train")
     console.rule("export: merge, GGUF F16 + quants, Modelfiles, fidelity")
-    result = export_run(str(run_dir), quants=quants, exports_dir=str(exports_dir))
-    manifest_path = Path(result.manifest_path)
-    manifest = result.manifest
+    manifest_path = Path(export_run(str(run_dir), quants=quants, exports_dir=str(exports_dir)).manifest_path)
+    manifest = Manifest.load(manifest_path)
     export_dir = manifest_path.parent
     lap("export")
     answers: list[Answer] = []
     if serve:
         console.rule(f"serve: asking {question.user_text!r} of the base model and of the fine-tune in each form")
         first_quant = quants.split(",")[0].strip().lower()
-        merged_dir = export_dir / manifest["merged"]["path"]
+        merged_dir = export_dir / manifest.merged.path
         asks = [("base model", "transformers", model, None), ("adapter", "transformers", str(run_dir), None),
                 ("merged model", "transformers", str(merged_dir), None), ("F16 GGUF", "llamacpp", str(export_dir), "f16")]
         if first_quant:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from gptoss import harmony, pipeline
+from gptoss.records import Manifest, RecordError
 
 REPO = Path(__file__).resolve().parent.parent
 DIFFERENCE = re.compile(r"^(reasoning|content) differs at token \d+$")
@@ -36,10 +37,9 @@ def _check_summary(work: Path, proc: subprocess.CompletedProcess) -> pipeline.Pi
     assert summary.question.messages == [{"role": m["role"], "content": m["content"]} for m in first[:-1]]
     assert (summary.question.reasoning, summary.question.content) == (trained["thinking"], trained["content"])
 
-    manifest = json.loads(Path(summary.manifest).read_text())
-    quants = {a["quant"] for a in manifest["artifacts"]}
-    assert {"f16", "q4_k_m", "q5_k_m"} <= quants
-    assert all(a.get("modelfile") for a in manifest["artifacts"])
+    manifest = Manifest.load(summary.manifest)
+    assert {"f16", "q4_k_m", "q5_k_m"} <= {a.quant for a in manifest.artifacts}
+    assert all(a.modelfile for a in manifest.artifacts)
 
     answers = {a.label: a for a in summary.answers}
     assert list(answers) == ["base model", "adapter", "merged model", "F16 GGUF", "Q4_K_M GGUF"]
@@ -68,7 +68,7 @@ def _check_summary(work: Path, proc: subprocess.CompletedProcess) -> pipeline.Pi
     assert "vs trained answer" in out and "measured against" in out and "NMSE vs F16" not in out
     assert re.search(r"│ F16 +│[^│\n]+│[^│\n]+│ merged model \(transformers\) +│", out), out
     assert re.search(r"│ Q4_K_M +│[^│\n]+│[^│\n]+│ F16 GGUF +│", out), out
-    fidelity = {a["quant"]: a["fidelity"] for a in manifest["artifacts"]}
+    fidelity = {a.quant: a.fidelity for a in manifest.artifacts}
     assert fidelity["f16"]["reference"].startswith("merged HF model")
     assert fidelity["q4_k_m"]["reference"].endswith("-F16.gguf")
     assert "the trained answer comes back from adapter, merged model" in " ".join(out.split())
@@ -158,7 +158,7 @@ def test_difference_names_the_part_and_the_first_differing_token():
         f"content differs at token {len(tok('Paris.'))}"
 
 
-def test_summary_round_trips_and_a_stale_one_is_refused(tmp_path):
+def test_summary_round_trips_and_a_bad_one_is_refused_naming_the_field(tmp_path):
     q = pipeline.question_from(str(pipeline.demo_dataset()), reasoning_effort="low")
     a = pipeline.Answer("adapter", "transformers", "models/x", None, q.reasoning, q.content, "stop", 12, 3.5, 0.4)
     s = pipeline.PipelineSummary(run="models/x", manifest="exports/x/manifest.json", train_command="gptoss train",
@@ -167,9 +167,16 @@ def test_summary_round_trips_and_a_stale_one_is_refused(tmp_path):
     s.write(path)
     assert pipeline.PipelineSummary.load(path) == s
     raw = json.loads(path.read_text())
-    path.write_text(json.dumps({**raw, "schema_version": 1}))
-    with pytest.raises(pipeline.PipelineError, match=r"pipeline_summary\.json: schema_version 1.*run `gptoss pipeline` again"):
+    path.write_text(json.dumps({**raw, "schema_version": 3}))
+    with pytest.raises(RecordError, match=r"pipeline_summary\.json: schema_version 3 is newer .*`gptoss pipeline`"):
         pipeline.PipelineSummary.load(path)
+    del raw["answers"][0]["vs_trained"]
+    path.write_text(json.dumps(raw))
+    assert pipeline.PipelineSummary.load(path).answers[0].vs_trained is None  # a field with a default may be absent
+    del raw["question"]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(RecordError, match=r"field 'question' is missing; it is written by `gptoss pipeline`"):
+        pipeline.PipelineSummary.load(tmp_path)  # the folder: the record's own file name in it
 
 
 def test_verdict_names_what_differs():
