@@ -28,12 +28,14 @@ def _spans(ids, labels, tok) -> list[str]:
     return spans
 
 
-def _reference(message, *, last=False) -> str:
+def _reference(message, *, last=False, own_header=False) -> str:
     """What the model generates for one assistant message, per openai-harmony: its rendering
-    without the leading ``<|start|>assistant``; the conversation's closing final ends in <|return|>."""
+    without the leading ``<|start|>assistant`` (which the prompt gives), or with it after another
+    assistant message (``own_header``: the model writes it); the closing final ends in <|return|>."""
     text = harmony.encoding().decode_utf8(harmony.encoding().render(message))
     assert text.startswith("<|start|>assistant")
-    text = text[len("<|start|>assistant"):]
+    if not own_header:
+        text = text[len("<|start|>assistant"):]
     if last:
         assert text.endswith("<|end|>")
         text = text[: -len("<|end|>")] + "<|return|>"
@@ -87,16 +89,14 @@ TOOLS = [
 def test_label_spans_are_exactly_the_assistant_parts(tokenizer):
     ids, labels = _example(tokenizer, SINGLE)
     assert _spans(ids, labels, tokenizer) == [
-        _reference(_analysis("Deux plus deux font quatre.")),
-        _reference(_final("4"), last=True),
+        _reference(_analysis("Deux plus deux font quatre.")) + _reference(_final("4"), last=True, own_header=True),
     ]
 
 
 def test_only_the_last_turn_is_supervised(tokenizer):
     ids, labels = _example(tokenizer, MULTI)
     assert _spans(ids, labels, tokenizer) == [
-        _reference(_analysis("Peru's capital is Lima.")),
-        _reference(_final("Lima."), last=True),
+        _reference(_analysis("Peru's capital is Lima.")) + _reference(_final("Lima."), last=True, own_header=True),
     ]
     # the earlier turn is in the input (its final; its analysis is dropped by the Harmony rule)
     text = tokenizer.decode(ids)
@@ -105,15 +105,14 @@ def test_only_the_last_turn_is_supervised(tokenizer):
 
 def test_loss_on_final(tokenizer):
     ids, labels = _example(tokenizer, SINGLE, loss_on="final")
-    assert _spans(ids, labels, tokenizer) == [_reference(_final("4"), last=True)]
+    assert _spans(ids, labels, tokenizer) == [_reference(_final("4"), last=True, own_header=True)]
 
 
 def test_tool_calls_supervise_the_recipient_too(tokenizer):
     """The model generates " to=functions.NAME" after <|start|>assistant: it must be trained on it."""
     ids, labels = _example(tokenizer, TOOLS)
     assert _spans(ids, labels, tokenizer) == [
-        _reference(_analysis("I need the tool.")),
-        _reference(_call("get_weather", '{"city":"Paris"}')),
+        _reference(_analysis("I need the tool.")) + _reference(_call("get_weather", '{"city":"Paris"}'), own_header=True),
         _reference(_final("Sunny."), last=True),
     ]
 

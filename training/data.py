@@ -315,16 +315,20 @@ def harmony_parts(ids: list[int], tokenizer, hid: HarmonyIds) -> list[Part]:
 
 
 def loss_mask(ids: list[int], tokenizer, hid: HarmonyIds, *, loss_on: str) -> list[bool]:
-    """True where the loss applies: assistant messages of the last turn (only ``final`` ones if asked)."""
+    """True where the loss applies: assistant messages of the last turn (only ``final`` ones if asked),
+    with the ``<|start|>assistant`` header of those that follow another assistant message."""
     parts = harmony_parts(ids, tokenizer, hid)
     last_user = max((p.start for p in parts if p.role == "user"), default=-1)
     mask = [False] * len(ids)
-    for p in parts:
+    for prev, p in zip([None, *parts[:-1]], parts):
         if p.role != "assistant" or p.start < last_user:
             continue
         if loss_on == "final" and p.channel != "final":
             continue
-        for t in range(p.body, p.stop + 1):
+        # After another assistant message (<|end|> is no stop) the model writes this one's <|start|>assistant
+        # itself; after a user or tool message the prompt ends with it.
+        begin = p.start if prev is not None and prev.role == "assistant" else p.body
+        for t in range(begin, p.stop + 1):
             mask[t] = True
     return mask
 
