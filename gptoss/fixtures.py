@@ -172,6 +172,17 @@ def _write_checkpoint(tmp: Path, name: str, kind: FixtureKind, config_kwargs: di
     _normal_permissions(tmp)
 
 
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``; an old ``out`` is moved aside first, then removed."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "x")
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
 def _normal_permissions(root: Path) -> None:
     """mkdtemp makes 0700 folders: give the checkpoint the umask's usual modes (containers read it)."""
     umask = os.umask(0)
@@ -310,13 +321,7 @@ def write_layout(src: str | Path, dst: str | Path, layout: str, *, max_shard_siz
         record.update(layout=layout, original=os.path.relpath(src, dst))
         (tmp / FIXTURE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         _normal_permissions(tmp)
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.replace(dst, old / "x")
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
+        _swap_in(tmp, dst)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -365,13 +370,7 @@ def fixture(name: str, *, out: str, layers: int | None = None, seed: int = 0, la
     tmp = _make_tmp(out_path)
     try:
         _write_checkpoint(tmp, name, kind, config_kwargs, seed)
-        if out_path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.old-", dir=out_path.parent))
-            os.replace(out_path, old / "x")
-            os.replace(tmp, out_path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_path)
+        _swap_in(tmp, out_path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
