@@ -38,8 +38,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from exporters import records  # noqa: E402
-from exporters.gguf import inspect, run_measured  # noqa: E402
+from gptoss.exporters import records  # noqa: E402
+from gptoss.exporters.gguf import inspect, run_measured  # noqa: E402
 
 STAGES = ("fixture", "adapter", "merge", "peft-merge", "compare", "mxfp4-base", "merge-mxfp4", "export", "report")
 RUN = "g20b-run"
@@ -246,7 +246,7 @@ def main() -> None:
         measured("fixture", cmd + (["--layers", str(args.layers)] if args.fixture == "geometry-20b" else []), state, work)
     if todo("adapter"):
         measured("adapter", py(
-            "from exporters.fixtures import make_run; "
+            f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r}); from lora_fixtures import make_run; "
             f"make_run({str(base)!r}, {str(run)!r}, r=8, alpha=16, seed=0, b_std=0.01)"), state, work)
     if todo("merge"):
         measured("merge", [sys.executable, "-m", "gptoss", "merge", "--run", str(run), "--exports-dir",
@@ -264,7 +264,7 @@ def main() -> None:
             state, work)
     if todo("mxfp4-base"):
         measured("mxfp4-base", py(
-            f"from exporters.fixtures import write_mxfp4_copy; write_mxfp4_copy({str(base)!r}, {str(work / 'base-mxfp4')!r})"),
+            f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r}); from lora_fixtures import write_mxfp4_copy; write_mxfp4_copy({str(base)!r}, {str(work / 'base-mxfp4')!r})"),
             state, work)
     if todo("merge-mxfp4"):
         measured("merge-mxfp4", [sys.executable, "-m", "gptoss", "merge", "--base", str(work / "base-mxfp4"),

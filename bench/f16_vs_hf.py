@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from exporters import fidelity as fid  # noqa: E402
-from exporters.quants import get_quant  # noqa: E402
+from gptoss.exporters import fidelity as fid  # noqa: E402
+from gptoss.exporters.quants import get_quant  # noqa: E402
 
 
 def main() -> None:

@@ -125,8 +125,8 @@ async def engine_direct(engine_url: str, n_gen: int, streams=(1, 8), repeats: in
 
 def parser_cost_us(n_tokens: int = 2000) -> float:
     """Our per-token cost on structured output (Harmony parse + OpenAI delta + SSE JSON), in microseconds."""
-    from serving.api import _sse
-    from serving.chat import ChatOutput
+    from gptoss.serving.api import _sse
+    from gptoss.serving.chat import ChatOutput
 
     text = " ".join(f"word{i % 97}" for i in range(n_tokens))
     question = [{"role": "user", "content": "Say many words."}]

@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from chat.client import ChatError
+from gptoss.chat.client import ChatError
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from chat.client import ChatError
+from gptoss.chat.client import ChatError
 
 Backend = Literal["auto", "llamacpp", "transformers"]
 

@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from chat import conversation
-from chat.client import (REASONING_EFFORTS, Cancelled, ChatError, Connection, ContextFull, Reply, Settings, Unreachable,
+from gptoss.chat import conversation
+from gptoss.chat.client import (REASONING_EFFORTS, Cancelled, ChatError, Connection, ContextFull, Reply, Settings, Unreachable,
                          describe_call)
-from chat.local import Backend, LocalServer
+from gptoss.chat.local import Backend, LocalServer
 
 HELP = [
     ("/help", "this list"),

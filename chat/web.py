@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from chat import conversation
-from chat.client import REASONING_EFFORTS, ChatError, Connection, ContextFull, Reply, Settings, describe_call
-from chat.local import Backend, LocalServer
+from gptoss.chat import conversation
+from gptoss.chat.client import REASONING_EFFORTS, ChatError, Connection, ContextFull, Reply, Settings, describe_call
+from gptoss.chat.local import Backend, LocalServer
 
 THINKING = "Thinking"
 CSS = """
@@ -221,7 +221,7 @@ def ui(
     """
     from rich.console import Console
 
-    from chat.terminal import connect
+    from gptoss.chat.terminal import connect
 
     problems = []
     if url and model:

@@ -26,7 +26,7 @@ import math
 import re
 from pathlib import Path
 
-from exporters.errors import AdapterMismatchError, MissingFilesError, UnsupportedAdapterError
+from gptoss.exporters.errors import AdapterMismatchError, MissingFilesError, UnsupportedAdapterError
 from gptoss import layouts
 
 ADAPTER_CONFIG = "adapter_config.json"

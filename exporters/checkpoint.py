@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from exporters.errors import ExportStageError, MissingFilesError
+from gptoss.exporters.errors import ExportStageError, MissingFilesError
 from gptoss.hubid import is_hub_id
 from gptoss import layouts
 

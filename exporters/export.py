@@ -18,19 +18,20 @@ from pathlib import Path
 
 from typing import Literal
 
+from gptoss.choices import signature_problems
 from gptoss.latest import LATEST, switch_latest
 from gptoss.folders import gguf_name
 from gptoss.machine import mem_available_bytes
 from gptoss.records import GGUFArtifact, Manifest, MergedFolder, TrainingInfo
 
-from exporters import fidelity as fid
-from exporters import gguf as gg
-from exporters.gguf import QuantizeBackend
-from exporters import records
-from exporters.errors import DiskSpaceError, ExportStageError, MissingFilesError
-from exporters.merge import MergePlan, merge_record, prepare_merge, run_merge
-from exporters.quants import Quant, get_quant, parse_quants
-from exporters.runs import GGUF_DIR, MERGED_DIR, MergeInto, export_root, resolve_inputs
+from gptoss.exporters import fidelity as fid
+from gptoss.exporters import gguf as gg
+from gptoss.exporters.gguf import QuantizeBackend
+from gptoss.exporters import records
+from gptoss.exporters.errors import DiskSpaceError, ExportStageError, MissingFilesError
+from gptoss.exporters.merge import MergePlan, merge_record, prepare_merge, run_merge
+from gptoss.exporters.quants import Quant, get_quant, parse_quants
+from gptoss.exporters.runs import GGUF_DIR, MERGED_DIR, MergeInto, export_root, resolve_inputs
 
 CompareHF = Literal["auto", "on", "off"]
 MANIFEST = Manifest.FILE
@@ -48,7 +49,7 @@ class ExportResult:
 
 def write_modelfile(gguf_path: Path, merged_dir: Path) -> Path | None:
     """An Ollama Modelfile that speaks Harmony, next to ``gguf_path`` (the Modelfiles stage's writer)."""
-    import modelfiles
+    from gptoss import modelfiles
 
     return Path(modelfiles.write(str(gguf_path)))
 
@@ -62,7 +63,7 @@ def _merged_identity(merged_dir: Path) -> dict:
 
 
 def _tensor_elements(merged_dir: Path) -> dict[str, int]:
-    from exporters.checkpoint import BaseCheckpoint
+    from gptoss.exporters.checkpoint import BaseCheckpoint
 
     ck = BaseCheckpoint(merged_dir)
     out = {}
@@ -155,10 +156,8 @@ def export_run(run: str | None = None, *, quants="q4_k_m,q5_k_m", also="", merge
     # 1. Validate every flag before touching anything.
     kinds = ["f16"] + [q for q in parse_quants(quants) + parse_quants(also) if q != "f16"]
     kinds = list(dict.fromkeys(kinds))
-    if compare_hf not in ("auto", "on", "off"):
-        raise ExportStageError(f"--compare-hf {compare_hf!r}: choose auto, on or off")
-    if backend not in ("auto", "tool", "python"):
-        raise ExportStageError(f"--backend {backend!r}: choose auto, tool or python")
+    if wrong := signature_problems(export, {"compare_hf": compare_hf, "backend": backend}):
+        raise ExportStageError("; ".join(wrong))
     mp: MergePlan | None = None
     if merged is not None:
         if run is not None or base is not None or adapter is not None:

@@ -58,7 +58,7 @@ def gguf_logits(path: str | os.PathLike, tokens: list[list[int]], *, threads: in
     log lines go to ``log`` (appended; dropped without one)."""
     import numpy as np
 
-    from exporters.gguf import tool_log
+    from gptoss.exporters.gguf import tool_log
     from gptoss import llamacpp
     from gptoss.progress import Stage
 

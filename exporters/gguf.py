@@ -17,10 +17,13 @@ import re
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Callable, Literal
 
-from exporters.errors import ConversionError
+import gptoss
+from gptoss.choices import choice_problem
+from gptoss.exporters.errors import ConversionError
 
 QuantizeBackend = Literal["auto", "tool", "python"]
 # llama.cpp log lines we read (src/llama-quant.cpp, convert_hf_to_gguf.py)
@@ -176,15 +179,15 @@ def quantize(src: Path, out_path: Path, *, label: str, backend: QuantizeBackend 
     from gptoss import llamacpp
     from gptoss.progress import Stage
 
-    if backend not in ("auto", "tool", "python"):
-        raise ConversionError(f"quantize backend {backend!r}: choose auto, tool or python")
+    if wrong := choice_problem("quantize backend", backend, typing.get_args(QuantizeBackend)):
+        raise ConversionError(wrong)
     tmp = out_path.with_name(f".{out_path.name}.partial")
     threads = threads or os.cpu_count() or 1
     if backend == "python":  # the same llama_model_quantize through the bindings, in a child process (isolated, measurable)
         llamacpp.library_dir()
-        cmd = [sys.executable, "-m", "exporters.gguf", "quantize", str(src), str(tmp), label, str(threads)]
+        cmd = [sys.executable, "-m", "gptoss.exporters.gguf", "quantize", str(src), str(tmp), label, str(threads)]
         env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parents[1])
+        package_root = str(Path(gptoss.__file__).resolve().parents[1])  # the folder that holds gptoss/
         env["PYTHONPATH"] = os.pathsep.join([package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         used = "llama_cpp.llama_model_quantize"
     else:
@@ -262,7 +265,7 @@ def inspect(path: Path, keys: tuple[str, ...] = ("general.architecture", "genera
     ~20 s per gpt-oss file); type names and block sizes come from the vendored gguf-py, and a test
     checks the result against GGUFReader.
     """
-    from modelfiles import gguf_header
+    from gptoss.modelfiles import gguf_header
 
     gguf = gguf_module()
     header = gguf_header.read_header(path, keys)
@@ -310,10 +313,10 @@ def read_tensor(path: Path, name: str):
     return np.asarray(dequantize(rows, qtype), dtype=np.float32)
 
 
-if __name__ == "__main__":  # python -m exporters.gguf quantize SRC DST LABEL THREADS (the "python" backend)
+if __name__ == "__main__":  # python -m gptoss.exporters.gguf quantize SRC DST LABEL THREADS (the "python" backend)
     if len(sys.argv) == 6 and sys.argv[1] == "quantize":
         _rc, _ = _quantize_in_process(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]),
                                       lambda line: print(line, flush=True))
         sys.exit(0 if _rc == 0 else 1)
-    print("usage: python -m exporters.gguf quantize SRC DST LABEL THREADS", file=sys.stderr)
+    print("usage: python -m gptoss.exporters.gguf quantize SRC DST LABEL THREADS", file=sys.stderr)
     sys.exit(2)

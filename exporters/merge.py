@@ -18,12 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from exporters import records
-from exporters.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter
-from exporters.checkpoint import TOKENIZER_FILES, BaseCheckpoint, resolve_model_dir
-from exporters.errors import AdapterMismatchError, DiskSpaceError, ExportStageError, FourBitMergeError
-from exporters.runs import MERGED_DIR, MergeInputs, MergeInto, export_root, resolve_inputs
-from exporters.safetensors_stream import Entry, ShardWriter, plan_shards, torch_dtype
+from gptoss.choices import choice_problem
+from gptoss.exporters import records
+from gptoss.exporters.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter
+from gptoss.exporters.checkpoint import TOKENIZER_FILES, BaseCheckpoint, resolve_model_dir
+from gptoss.exporters.errors import AdapterMismatchError, DiskSpaceError, ExportStageError, FourBitMergeError
+from gptoss.exporters.runs import MERGED_DIR, MergeInputs, MergeInto, export_root, resolve_inputs
+from gptoss.exporters.safetensors_stream import Entry, ShardWriter, plan_shards, torch_dtype
 from gptoss import layouts
 from gptoss.records import MergeInfo, RecordError
 
@@ -60,8 +61,8 @@ def check_dtype(dtype: str) -> str:
     key = str(dtype).lower()
     if key in FOUR_BIT:
         raise FourBitMergeError(f"--dtype {dtype}: {FOUR_BIT_REASON}")
-    if key not in DTYPES:
-        raise ExportStageError(f"--dtype {dtype!r}: choose bfloat16 (default), float16 or float32")
+    if wrong := choice_problem("--dtype", key, DTYPES):
+        raise ExportStageError(wrong)
     return DTYPES[key]
 
 

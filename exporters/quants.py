@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from exporters.errors import UnknownQuantError
+from gptoss.exporters.errors import UnknownQuantError
 
 QUANTS: dict[str, type["Quant"]] = {}
 

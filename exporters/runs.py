@@ -11,7 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
-from exporters.errors import ExportStageError, MissingFilesError
+from gptoss.choices import choice_problem
+from gptoss.exporters.errors import ExportStageError, MissingFilesError
 from gptoss.folders import ADAPTER_DIR, GGUF_DIR, MERGED_DIR, Folders  # noqa: F401 (GGUF_DIR, MERGED_DIR: used as runs.*)
 from gptoss.records import RecordError, TrainingInfo
 
@@ -64,9 +65,9 @@ def resolve_run(run: str, *, merge_into: str = "original", merge_base: str | Non
 
 def resolve_inputs(run: str | None, base: str | None, adapter: str | None, *, merge_into: str = "original",
                    merge_base: str | None = None) -> MergeInputs:
-    if merge_into not in MERGE_INTO:
-        raise ExportStageError(f"--merge-into {merge_into!r}: choose original (the 16-bit original of a 4-bit base, "
-                               "the default) or dequantized (the 4-bit base itself, dequantized)")
+    if wrong := choice_problem("--merge-into", merge_into, MERGE_INTO):
+        raise ExportStageError(f"{wrong}: original is the 16-bit original of a 4-bit base (the default), "
+                               "dequantized the 4-bit base itself, dequantized")
     if run is not None and (base is not None or adapter is not None):
         raise ExportStageError("pass either --run DIR or --base ID_OR_DIR --adapter DIR, not both")
     if run is not None:

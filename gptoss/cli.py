@@ -22,6 +22,7 @@ from typing import Any, Callable, Literal
 import fire
 import fire.docstrings
 
+from gptoss.choices import choice_problem, literal_choices
 from gptoss.errors import ToolchainError
 
 # The command table: name -> "module:function" in its stage folder. README.md's "Commands" table
@@ -29,17 +30,17 @@ from gptoss.errors import ToolchainError
 # so the torch-free serving image never imports the trainer.
 COMMANDS = {
     "fixture": "gptoss.fixtures:fixture",
-    "train": "training:train",
-    "merge": "exporters.merge:merge",
-    "export": "exporters.export:export",
-    "modelfile": "modelfiles:write",
-    "publish": "exporters.publish:publish",
-    "serve": "serving:serve",
+    "train": "gptoss.training:train",
+    "merge": "gptoss.exporters.merge:merge",
+    "export": "gptoss.exporters.export:export",
+    "modelfile": "gptoss.modelfiles:write",
+    "publish": "gptoss.publishing:publish",
+    "serve": "gptoss.serving:serve",
     "pipeline": "gptoss.pipeline:pipeline",
-    "cache": "hfcache:cache",
+    "cache": "gptoss.hfcache:cache",
     "build": "gptoss.llamacpp:build",
-    "chat": "chat:chat",
-    "ui": "chat:ui",
+    "chat": "gptoss.chat:chat",
+    "ui": "gptoss.chat:ui",
 }
 
 # One example per command, shown in its help and in the error for a missing argument (each passes
@@ -119,10 +120,7 @@ def params(fn: Callable) -> tuple[list[Param], bool, bool]:
             var_kwargs = True
             continue
         members = _split_hint(hints.get(p.name, Any))
-        choices = None
-        for m in members:
-            if typing.get_origin(m) is Literal:
-                choices = typing.get_args(m)
+        choices = literal_choices(hints.get(p.name))
         if members == [bool] or (p.name not in hints and isinstance(p.default, bool)):
             kind, metavar = "bool", ""
         elif choices:
@@ -146,12 +144,7 @@ def _is_flag(arg: str) -> bool:
 
 
 def _choice_problem(p: Param, value: str) -> str | None:
-    if not p.choices or value in map(str, p.choices):
-        return None
-    close = difflib.get_close_matches(value, list(map(str, p.choices)), n=1)
-    shown = f"{p.flag} {value}" if not p.positional else f"{p.name.upper()} {value!r}"
-    return (f"{shown}: not one of {', '.join(map(str, p.choices))}"
-            + (f" (did you mean {close[0]}?)" if close else ""))
+    return choice_problem(p.name.upper() if p.positional else p.flag, value, p.choices) if p.choices else None
 
 
 def example(name: str, fn: Callable) -> str:

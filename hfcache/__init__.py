@@ -1,5 +1,5 @@
 """`gptoss cache`: the real checkpoints and datasets in the Hugging Face cache, offline (check, import)."""
 
-from hfcache.command import cache
+from gptoss.hfcache.command import cache
 
 __all__ = ["cache"]

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-from hfcache.layout import COMMIT_RE, RepoType, default_cache_dir
+from gptoss.hfcache.layout import COMMIT_RE, RepoType, default_cache_dir
 from gptoss.hubid import is_hub_id
 from gptoss.layouts import SIXTEEN_BIT_ORIGINALS, sixteen_bit_original
 
@@ -89,8 +89,8 @@ def configured_needs(*, profile: str | None = None, model: str | None = None, da
                      merge_base: str | None = None, backend: str = "auto", revision: str | None = None) -> tuple[list[Need], str]:
     """The Needs of `gptoss train` with these settings (a profile, then flags, as train resolves them)
     and of the merge after it; returns them and the backend they were resolved for."""
-    from training.config import DEFAULT_MODEL, build_config
-    from training.data import looks_like_path
+    from gptoss.training.config import DEFAULT_MODEL, build_config
+    from gptoss.training.data import looks_like_path
 
     cfg = build_config({"profile": profile, "model": model, "dataset": dataset, "backend": backend, "revision": revision})
     chosen = auto_backend() if cfg.backend == "auto" else cfg.backend
@@ -148,7 +148,7 @@ def need_status(need: Need, repos: list, warnings: list[str], cache: Path) -> Ne
     """``need`` looked up in what scan_cache_dir found in ``cache`` (its repos and the warnings about corrupted ones)."""
     if need.local:
         return _local_status(need)
-    from hfcache.layout import repo_folder
+    from gptoss.hfcache.layout import repo_folder
 
     folder = repo_folder(cache, need.name, need.repo_type)
     broken = [w for w in warnings if str(folder) in w]

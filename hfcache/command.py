@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from hfcache.errors import CacheError, MissingFromCacheError
+from gptoss.choices import choice_problem
+from gptoss.hfcache.errors import CacheError, MissingFromCacheError
 
 ACTIONS = ("check", "import")
 CHECK_ONLY = ("profile", "model", "dataset", "merge_base", "backend")
@@ -66,8 +67,8 @@ def cache(
     given = {k: v for k, v in locals().items() if k not in ("action", "cache_dir")}
     defaults = {"ref": "main", "repo_type": "model", "force": False, "backend": "auto"}
     used = {k for k, v in given.items() if v is not None and v != defaults.get(k)}
-    if action not in ACTIONS:
-        raise CacheError(f"ACTION {action!r}: must be one of {', '.join(ACTIONS)} (gptoss cache check, gptoss cache import FOLDER --repo-id ID)")
+    if wrong := choice_problem("ACTION", action, ACTIONS):
+        raise CacheError(f"{wrong}: gptoss cache check, gptoss cache import FOLDER --repo-id ID")
     wrong = sorted(used & set(IMPORT_ONLY if action == "check" else CHECK_ONLY))
     problems = [f"{'FOLDER' if k == 'folder' else '--' + k.replace('_', '-')} is for `gptoss cache {'import' if action == 'check' else 'check'}`" for k in wrong]
     if action == "import":
@@ -88,7 +89,7 @@ def _check(*, cache_dir, **settings) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from hfcache.check import check, configured_needs
+    from gptoss.hfcache.check import check, configured_needs
 
     needs, backend = configured_needs(**settings)
     statuses, cache, free = check(needs, cache_dir=cache_dir)
@@ -121,7 +122,7 @@ def _check(*, cache_dir, **settings) -> None:
 def _import(folder: str, **kwargs) -> str:
     from rich.console import Console
 
-    from hfcache.layout import import_folder
+    from gptoss.hfcache.layout import import_folder
 
     result = import_folder(folder, **kwargs)
     console = Console(stderr=True)

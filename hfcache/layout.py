@@ -32,7 +32,8 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from hfcache.errors import ImportRefusedError, ImportVerificationError
+from gptoss.choices import choice_problem
+from gptoss.hfcache.errors import ImportRefusedError, ImportVerificationError
 
 RepoType = Literal["model", "dataset"]
 REPO_TYPES: tuple[str, ...] = ("model", "dataset")
@@ -134,8 +135,8 @@ def _argument_problems(folder: Path, repo_id, revision, ref, repo_type) -> list[
                         "a branch or tag name goes in --ref")
     if not isinstance(ref, str) or not REF_RE.fullmatch(ref) or ".." in ref.split("/") or COMMIT_RE.fullmatch(ref):
         problems.append(f"--ref {ref!r}: must be a branch or tag name such as main")
-    if repo_type not in REPO_TYPES:
-        problems.append(f"--repo-type {repo_type!r}: must be one of {', '.join(REPO_TYPES)}")
+    if wrong := choice_problem("--repo-type", repo_type, REPO_TYPES):
+        problems.append(wrong)
     return problems
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from gptoss import folders
 from gptoss import harmony
 from gptoss.errors import ToolchainError
-from modelfiles import gguf_header
-from modelfiles.template import harmony_template
+from gptoss.modelfiles import gguf_header
+from gptoss.modelfiles.template import harmony_template
 
 # Modelfile directives (Ollama's parser: FROM, TEMPLATE, SYSTEM, PARAMETER).
 FROM = "FROM"

@@ -1,5 +1,5 @@
 """Serving stage: `gptoss serve`, one OpenAI-compatible API over the llama.cpp and transformers backends."""
 
-from serving.server import serve
+from gptoss.serving.server import serve
 
 __all__ = ["serve"]

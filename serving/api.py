@@ -23,8 +23,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gptoss import harmony
-from serving.backends import Backend, BackendError, Generated, SamplingParams
-from serving.chat import ChatOutput
+from gptoss.serving.backends import Backend, BackendError, Generated, SamplingParams
+from gptoss.serving.chat import ChatOutput
 
 log = logging.getLogger("gptoss.serve")
 

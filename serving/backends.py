@@ -121,5 +121,5 @@ def get_backend(name: str) -> type[Backend]:
 
 
 # The backends register themselves on import (neither imports torch at module level).
-from serving import llamacpp_backend as _llamacpp  # noqa: E402,F401
-from serving import transformers_backend as _transformers  # noqa: E402,F401
+from gptoss.serving import llamacpp_backend as _llamacpp  # noqa: E402,F401
+from gptoss.serving import transformers_backend as _transformers  # noqa: E402,F401

@@ -22,7 +22,7 @@ from pathlib import Path
 import anyio
 
 from gptoss import harmony
-from serving.backends import Backend, BackendConfig, BackendError, Generated, SamplingParams, ServeError, register_backend
+from gptoss.serving.backends import Backend, BackendConfig, BackendError, Generated, SamplingParams, ServeError, register_backend
 
 log = logging.getLogger("gptoss.serve.llamacpp")
 

@@ -7,8 +7,9 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from serving import records
-from serving.backends import BACKENDS, BackendConfig, ServeError, get_backend
+from gptoss.choices import choice_problem, signature_problems
+from gptoss.serving import records
+from gptoss.serving.backends import BACKENDS, BackendConfig, ServeError, get_backend
 
 DEVICE = re.compile(r"^(cpu|cuda:\d+)$")
 
@@ -33,8 +34,8 @@ def resolve_config(*, backend: str, model: str, adapter: str | None, quant: str 
                    parallel: int, threads: int | None, dtype: str, sample_on_device: bool = False) -> BackendConfig:
     """Check every flag and report all problems at once; find the model through the stage records."""
     problems: list[str] = []
-    if backend not in BACKENDS:
-        problems.append(f"--backend {backend!r} is not one of {', '.join(sorted(BACKENDS))}")
+    if wrong := choice_problem("--backend", backend, sorted(BACKENDS)):
+        problems.append(wrong)
     if not isinstance(device, str) or not DEVICE.match(device):
         problems.append(f"--device must be 'cpu' or 'cuda:N', got {device!r}")
     elif device.startswith("cuda:") and (why := gpu_problem(device)):
@@ -50,8 +51,7 @@ def resolve_config(*, backend: str, model: str, adapter: str | None, quant: str 
         problems.append(f"--sample-on-device is a switch (true/false), got {sample_on_device!r}")
     elif sample_on_device and backend != "llamacpp":
         problems.append("--sample-on-device is for the llamacpp backend")
-    if dtype not in ("auto", "bfloat16", "float16", "float32"):
-        problems.append(f"--dtype must be auto, bfloat16, float16 or float32, got {dtype!r}")
+    problems += signature_problems(serve, {"dtype": dtype})
     if adapter is not None and not (Path(str(adapter)).expanduser() / "adapter_config.json").is_file():
         problems.append(f"--adapter {adapter}: no adapter_config.json there; pass the adapter folder of a training run")
     adapter = str(Path(str(adapter)).expanduser().absolute()) if adapter else None
@@ -116,7 +116,7 @@ def serve(
     """
     import uvicorn
 
-    from serving.api import create_app
+    from gptoss.serving.api import create_app
 
     config = resolve_config(backend=backend, model=model, adapter=adapter, quant=quant, device=device, ctx=ctx,
                             parallel=parallel, threads=threads, dtype=dtype, sample_on_device=sample_on_device)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import anyio
 
-from serving.backends import Backend, BackendConfig, BackendError, Generated, SamplingParams, ServeError, register_backend
+from gptoss.serving.backends import Backend, BackendConfig, BackendError, Generated, SamplingParams, ServeError, register_backend
 
 log = logging.getLogger("gptoss.serve.transformers")
 

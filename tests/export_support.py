@@ -43,7 +43,7 @@ def tiny_run(request, tmp_path_factory) -> Path:
     base = tiny_base(request, tmp_path_factory)
 
     def build(p: Path) -> None:
-        from exporters.fixtures import make_run
+        from lora_fixtures import make_run
 
         make_run(base, p / "tiny-run", seed=0)
 
@@ -57,7 +57,7 @@ def tiny_trained_run(request, tmp_path_factory) -> Path:
     data = Path(__file__).resolve().parent / "data" / "train_tiny.jsonl"
 
     def build(p: Path) -> None:
-        import training
+        from gptoss import training
 
         training.train(profile="quick_test", model=str(base), dataset=str(data), output_dir=str(p / "models"),
                        run_name="tiny-run", max_steps=5, batch_size=2, grad_accum=1, learning_rate=1e-2,
@@ -71,7 +71,7 @@ def tiny_export(request, tmp_path_factory) -> dict:
     run = tiny_trained_run(request, tmp_path_factory)
 
     def build(p: Path) -> None:
-        from exporters.export import export_run
+        from gptoss.exporters.export import export_run
 
         export_run(str(run), quants="q4_k_m,q5_k_m", also="mxfp4_moe", exports_dir=str(p), progress=False,
                    threads=min(4, os.cpu_count() or 1))

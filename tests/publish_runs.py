@@ -29,7 +29,7 @@ QUANTS = ("F16", "Q4_K_M", "Q5_K_M", "MXFP4_MOE")  # llama.cpp labels: file suff
 
 def harmony_template() -> str:
     """The TEMPLATE of the Modelfiles below (the Modelfiles stage's Harmony template)."""
-    from modelfiles import harmony_template
+    from gptoss.modelfiles import harmony_template
 
     return harmony_template()
 
@@ -78,7 +78,7 @@ def _tokenizer_files(folder: Path) -> None:
 
 
 def build_training_run(root: Path, name: str = RUN) -> Path:
-    from training.config import TrainConfig
+    from gptoss.training.config import TrainConfig
 
     run = root / "models" / name
     adapter = run / "adapter"
@@ -139,7 +139,7 @@ def build_training_run(root: Path, name: str = RUN) -> Path:
 
 
 def build_export(root: Path, name: str = RUN) -> Path:
-    from modelfiles import render
+    from gptoss.modelfiles import render
 
     export = root / "exports" / name
     merged = export / "merged"

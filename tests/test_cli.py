@@ -22,7 +22,8 @@ def test_command_table_matches_readme():
 
 
 def test_commands_live_in_stage_folders():
-    stage_modules = ("gptoss.fixtures", "gptoss.pipeline", "training", "exporters", "modelfiles", "serving", "hfcache", "gptoss.llamacpp", "chat")
+    stage_modules = ("gptoss.fixtures", "gptoss.pipeline", "gptoss.training", "gptoss.exporters", "gptoss.modelfiles",
+                     "gptoss.publishing", "gptoss.serving", "gptoss.hfcache", "gptoss.llamacpp", "gptoss.chat")
     for name in COMMANDS:
         fn = resolve(name)
         assert fn.__module__.startswith(stage_modules), f"{name} -> {fn.__module__}"
@@ -150,7 +151,7 @@ def test_a_missing_required_flag_is_named_with_an_example(capsys):
 
 def test_a_value_not_among_the_choices_is_refused_before_the_command_runs(capsys):
     assert main(["serve", "--backend", "llama", "--model", "x.gguf"]) == 2
-    assert ("--backend llama: not one of llamacpp, transformers (did you mean llamacpp?)"
+    assert ("--backend 'llama': not one of llamacpp, transformers (did you mean llamacpp?)"
             in capsys.readouterr().err)
 
 

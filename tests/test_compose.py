@@ -4,6 +4,8 @@ import pytest
 
 from conftest import REPO, compose_config
 
+from gptoss.folders import Folders
+
 pytestmark = pytest.mark.docker
 
 
@@ -42,15 +44,16 @@ def test_each_stage_reads_where_the_one_before_writes():
     --out: --out writes no link); serve-* and publish read exports/latest; serve-unsloth models/latest."""
     services = compose_config()["services"]
     train = services["train"]["command"]
-    assert _flag(train, "--output-dir") == "/work/models"
     export = services["export"]["command"]
+    # the folder conventions are gptoss.folders' (the same object every stage resolves paths with)
+    folders = Folders.of(models_dir=_flag(train, "--output-dir"), exports_dir=_flag(export, "--exports-dir"))
+    assert (str(folders.models_dir), str(folders.exports_dir)) == ("/work/models", "/work/exports")
     assert "--out" not in export
-    assert _flag(export, "--run") == "/work/models/latest"
-    exports_latest = _flag(export, "--exports-dir") + "/latest"
+    assert _flag(export, "--run") == str(folders.latest_run)
     for name in ("serve-cpu", "serve-llamacpp"):
-        assert _flag(services[name]["command"], "--model") == exports_latest
-    assert _flag(services["publish"]["command"], "--run") == exports_latest
-    assert _flag(services["serve-unsloth"]["command"], "--model") == "/work/models/latest"
+        assert _flag(services[name]["command"], "--model") == str(folders.latest_export)
+    assert _flag(services["publish"]["command"], "--run") == str(folders.latest_export)
+    assert _flag(services["serve-unsloth"]["command"], "--model") == str(folders.latest_run)
 
 
 def test_ui_points_at_a_serve_service_by_name_and_keeps_the_key_in_the_environment():

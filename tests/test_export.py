@@ -12,11 +12,11 @@ import pytest
 
 import export_support as sup
 from conftest import REPO
-from exporters import gguf as gg
-from exporters import records
-from exporters.errors import DiskSpaceError, ExportStageError, UnknownQuantError
-from exporters.export import MANIFEST, RECORDS_DIR, export_run
-from exporters.quants import QUANTS, get_quant
+from gptoss.exporters import gguf as gg
+from gptoss.exporters import records
+from gptoss.exporters.errors import DiskSpaceError, ExportStageError, UnknownQuantError
+from gptoss.exporters.export import MANIFEST, RECORDS_DIR, export_run
+from gptoss.exporters.quants import QUANTS, get_quant
 
 KINDS = {"f16": "F16", "q4_k_m": "Q4_K", "q5_k_m": "Q5_K", "mxfp4_moe": "MXFP4"}
 
@@ -63,7 +63,7 @@ def test_manifest_lists_every_artifact_honestly(exported):
 def test_f16_reference_computes_rope_as_llama_cpp(exported):
     """gpt-oss's config has YaRN `truncate: false`, which llama.cpp cannot reproduce; the F16 gate
     compares against transformers with truncation on, and the manifest says so."""
-    from exporters import fidelity as fid
+    from gptoss.exporters import fidelity as fid
 
     merged = exported["root"] / "merged"
     config, note = fid.reference_config(merged)
@@ -75,7 +75,7 @@ def test_f16_reference_computes_rope_as_llama_cpp(exported):
 def test_top1_gate_ignores_near_ties_of_the_reference():
     """A swap of two tokens the reference scores within TIE_MARGIN is not a disagreement the gate
     counts; a swap at a clear lead is. Both still lower the all-positions figure."""
-    from exporters import fidelity as fid
+    from gptoss.exporters import fidelity as fid
 
     ref = [np.array([[2.0, 1.995, 0.0], [3.0, 1.0, 0.0], [1.0, 2.5, 0.0]])]
     tie_swapped = [np.array([[1.995, 2.0, 0.0], [3.0, 1.0, 0.0], [1.0, 2.5, 0.0]])]
@@ -161,7 +161,7 @@ def test_expert_lora_survives_into_gguf(request, tmp_path_factory, exported, tmp
         np.testing.assert_allclose(got, w.numpy(), rtol=1e-3, atol=1e-6)
         change = np.abs(got - before).max()
         assert change > 1e-3, f"{name}: the expert LoRA did not reach the GGUF (max change {change})"
-    from exporters import fidelity as fid
+    from gptoss.exporters import fidelity as fid
 
     toks = fid.prompt_tokens()[:1]
     f = fid.compare(fid.gguf_logits(base_gguf, toks), fid.gguf_logits(merged_gguf, toks))

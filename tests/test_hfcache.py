@@ -21,9 +21,9 @@ from huggingface_hub import HfApi, constants, snapshot_download
 
 from fakehub import FakeHub
 from gptoss.layouts import SIXTEEN_BIT_ORIGINALS
-from hfcache import layout
-from hfcache.check import Need, check, configured_needs
-from hfcache.errors import ImportRefusedError
+from gptoss.hfcache import layout
+from gptoss.hfcache.check import Need, check, configured_needs
+from gptoss.hfcache.errors import ImportRefusedError
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_fake_write_token_0123456789"
@@ -261,7 +261,7 @@ def test_bad_input_is_refused_and_nothing_is_written(tmp_path, args, message):
 
 
 def test_an_unknown_repo_type_is_refused(tmp_path):
-    with pytest.raises(ImportRefusedError, match="--repo-type 'space': must be one of model, dataset"):
+    with pytest.raises(ImportRefusedError, match="--repo-type 'space': not one of model, dataset"):
         layout.import_folder(small_repo(tmp_path / "src"), repo_id=REPO, repo_type="space", cache_dir=tmp_path / "c")
     proc = gptoss_cache("import", tmp_path / "src", "--repo-id", REPO, "--repo-type", "space", environ=env(tmp_path))
     assert proc.returncode == 2 and "--repo-type" in proc.stderr and "model, dataset" in proc.stderr

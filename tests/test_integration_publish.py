@@ -21,7 +21,7 @@ import pytest
 import yaml
 from huggingface_hub import constants
 
-from exporters import publish as pub
+from gptoss import publishing as pub
 from fakehub import FakeHub
 from publish_runs import build_runs
 
@@ -43,8 +43,8 @@ class Chain:
 
 @pytest.fixture(scope="module")
 def chain(tiny_model, tmp_path_factory) -> Chain:
-    import training
-    from exporters.export import export_run
+    from gptoss import training
+    from gptoss.exporters.export import export_run
 
     work = tmp_path_factory.mktemp("chain")
     run_dir = Path(training.train(
@@ -142,7 +142,7 @@ def test_publish_fixtures_match_the_real_writers(chain, tmp_path):
 
 
 def test_export_merges_on_the_base_revision_training_recorded(chain, tmp_path):
-    from exporters.runs import resolve_run
+    from gptoss.exporters.runs import resolve_run
     from gptoss.records import TrainingInfo
 
     run = tmp_path / "models" / "hub-run"
@@ -211,7 +211,7 @@ def hub(monkeypatch, tmp_path):
 
 
 def test_publish_gguf_repo_matches_the_manifest(chain, hub):
-    from modelfiles import harmony_template
+    from gptoss.modelfiles import harmony_template
 
     url = pub.publish(run=str(chain.export_dir), repo_id="acme/tiny-GGUF", what="gguf")
     files = hub.files("acme/tiny-GGUF")

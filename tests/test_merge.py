@@ -13,10 +13,10 @@ import torch
 
 import export_support as sup
 from conftest import hub_cache_holding
-from exporters import records
-from exporters.errors import AdapterMismatchError, DiskSpaceError, FourBitMergeError, MissingFilesError
-from exporters.merge import MERGE_RECORD, merge, merge_checkpoint
-from exporters.runs import resolve_run
+from gptoss.exporters import records
+from gptoss.exporters.errors import AdapterMismatchError, DiskSpaceError, FourBitMergeError, MissingFilesError
+from gptoss.exporters.merge import MERGE_RECORD, merge, merge_checkpoint
+from gptoss.exporters.runs import resolve_run
 from gptoss.records import TrainingInfo
 
 
@@ -108,7 +108,7 @@ def test_sharded_streaming_output(run, ids, merged_fp32, tmp_path):
 
 
 def test_rerun_skips_and_force_redoes(run, tmp_path, capsys):
-    from exporters.runs import resolve_run
+    from gptoss.exporters.runs import resolve_run
 
     out = tmp_path / "m"
     first = merge_checkpoint(resolve_run(str(run)), out, progress=False)
@@ -141,8 +141,8 @@ def test_mxfp4_dequant_matches_transformers(base, tmp_path):
 
 def test_merge_from_mxfp4_base(base, run, ids, tmp_path):
     """An MXFP4 base (experts as _blocks/_scales) merges like the bf16 base it dequantizes to."""
-    from exporters.fixtures import write_mxfp4_copy
-    from exporters.runs import MergeInputs
+    from lora_fixtures import write_mxfp4_copy
+    from gptoss.exporters.runs import MergeInputs
 
     mx = write_mxfp4_copy(base, tmp_path / "mxfp4-base")
     merged = merge_checkpoint(MergeInputs("mx", str(mx), None, run / "adapter"), tmp_path / "merged",
@@ -163,8 +163,8 @@ def test_merge_from_bnb4_base(base, run, ids, tmp_path):
     from transformers import AutoModelForCausalLM
     from peft import PeftModel
 
-    from exporters.fixtures import write_bnb4_copy
-    from exporters.runs import MergeInputs
+    from lora_fixtures import write_bnb4_copy
+    from gptoss.exporters.runs import MergeInputs
 
     q = write_bnb4_copy(base, tmp_path / "bnb-base")
     merged = merge_checkpoint(MergeInputs("bnb", str(q), None, run / "adapter", merge_into="dequantized"),
@@ -231,7 +231,7 @@ def test_adapter_for_other_geometry(base, tmp_path, capsys):
     """An adapter trained on a model with 8 experts and another FFN width, merged into the tiny base."""
     from transformers import GptOssConfig, GptOssForCausalLM
 
-    from exporters.fixtures import make_run
+    from lora_fixtures import make_run
     from gptoss.fixtures import tiny_config
 
     other = tmp_path / "other-base"
@@ -298,7 +298,7 @@ def test_missing_base_files(run, base, tmp_path, capsys):
 
 def test_not_enough_disk(run, tmp_path, monkeypatch, capsys):
     """Disk space is checked before writing (free space is simulated: monkeypatched)."""
-    from exporters import records
+    from gptoss.exporters import records
 
     monkeypatch.setattr(records, "free_bytes", lambda path: 10 << 20)
     _assert_clean_failure(capsys, run, tmp_path / "out", DiskSpaceError, "only 10.5 MB is free")
@@ -315,7 +315,7 @@ def test_hub_id_base_uses_the_hub_cache(base, run, tmp_path, monkeypatch):
     cache snapshot; the resolved commit is recorded and blob names serve as sha256 without re-reading."""
     import huggingface_hub
 
-    from exporters.runs import MergeInputs
+    from gptoss.exporters.runs import MergeInputs
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     snap = hub_cache_holding(base, "openai/gpt-oss-tiny", tmp_path / "hub", commit)

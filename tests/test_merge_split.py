@@ -12,8 +12,8 @@ import torch
 
 import export_support as sup
 import unsloth_split as us
-from exporters.errors import AdapterMismatchError, ExportStageError
-from exporters.merge import MERGE_RECORD, merge
+from gptoss.exporters.errors import AdapterMismatchError, ExportStageError
+from gptoss.exporters.merge import MERGE_RECORD, merge
 from gptoss import layouts
 
 pytest.importorskip("bitsandbytes")
@@ -129,8 +129,8 @@ def test_merge_into_dequantized_is_bitsandbytes_dequant_plus_delta(split_base, s
 
 def test_merge_base_flag_and_unknown_original(split_base, split_run, base, tmp_path):
     """No known 16-bit original -> a clear error naming both ways out; a wrong --merge-base is refused."""
-    from exporters.merge import merge_checkpoint
-    from exporters.runs import MergeInputs
+    from gptoss.exporters.merge import merge_checkpoint
+    from gptoss.exporters.runs import MergeInputs
 
     orphan = tmp_path / "orphan-4bit"
     orphan.mkdir()
@@ -181,7 +181,7 @@ def test_split_expert_lora_that_does_not_fit_is_refused(base, tmp_path):
 
 
 def test_cpu_training_on_the_split_base_says_what_to_do(split_base):
-    from training.run import environment_problems
+    from gptoss.training.run import environment_problems
 
     _, problems = environment_problems({"model": str(split_base), "device": "cpu", "backend": "auto"})
     assert any("split" in p and "--backend unsloth" in p and "tiny" in p for p in problems), problems
@@ -203,7 +203,7 @@ def test_split_run_exports_to_gguf_within_the_fidelity_gate(split_run, tmp_path,
     merged model's card says what it was merged into."""
     import shutil
 
-    from exporters.export import export_run
+    from gptoss.exporters.export import export_run
     from gptoss.cli import main
 
     run = tmp_path / "models" / "split-run"

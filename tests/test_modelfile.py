@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from gptoss.errors import ToolchainError
-from modelfiles import ModelfileError, harmony_template, write
-from modelfiles import gguf_header
-from modelfiles.modelfile import DEFAULT_NUM_CTX
+from gptoss.modelfiles import ModelfileError, harmony_template, write
+from gptoss.modelfiles import gguf_header
+from gptoss.modelfiles.modelfile import DEFAULT_NUM_CTX
 from modelfile_support import write_gguf
 
 REPO = Path(__file__).resolve().parent.parent

@@ -23,8 +23,8 @@ import shutil
 import pytest
 
 from gptoss import harmony
-from modelfiles import template as template_module
-from modelfiles import write
+from gptoss.modelfiles import template as template_module
+from gptoss.modelfiles import write
 from conftest import missing_tool
 from modelfile_support import build_gotemplate, run_gotemplate, write_gguf
 

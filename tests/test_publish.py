@@ -19,7 +19,8 @@ import pytest
 import yaml
 from huggingface_hub import constants
 
-from exporters import publish as pub
+from gptoss import publishing as pub
+from gptoss.modelfiles.reader import read_modelfile
 from fakehub import FakeHub
 from publish_runs import BASE, DATASET, DATASET_HASH, LLAMA_CPP_COMMIT, QUANTS, RUN, TEMPLATE, build_runs
 
@@ -93,14 +94,14 @@ def test_read_modelfile(tmp_path):
         'SYSTEM "be brief"\nPARAMETER temperature 1.0\nPARAMETER num_ctx 8192\n'
         'PARAMETER stop "<|return|>"\nPARAMETER stop "<|call|>"\n'
     )
-    mf = pub.read_modelfile(path)
+    mf = read_modelfile(path)
     assert mf.from_ == "./m-Q4_K_M.gguf"
     assert mf.template == "line one\n{{ .Prompt }}\n"
     assert mf.system == "be brief"
     assert mf.params_json() == {"temperature": 1.0, "num_ctx": 8192, "stop": ["<|return|>", "<|call|>"]}
     path.write_text('FROM x.gguf\nTEMPLATE """never closed\n')
     with pytest.raises(ValueError, match="unterminated"):
-        pub.read_modelfile(path)
+        read_modelfile(path)
 
 
 # ------------------------------------------------------------------------------------- dry run
@@ -501,7 +502,7 @@ def test_all_problems_reported_at_once(runs, hub_env, monkeypatch):
     text = str(e.value)
     assert text.startswith("4 problems:") and "no Hugging Face token" in text and "--repo-id" in text
     assert "--revision" in text and "F16.gguf" in text
-    with pytest.raises(pub.PublishError, match=r"--what 'lora': choose one of adapter, merged, gguf"):
+    with pytest.raises(pub.PublishError, match=r"--what 'lora': not one of adapter, merged, gguf"):
         pub.publish(run=str(runs.export_dir), repo_id="acme/x", what="lora", dry_run=True)
     assert hub_env.requests == []
 

@@ -135,7 +135,7 @@ def test_real_export_records_load_with_every_field(exported):
 
 
 def test_serve_resolves_real_records_for_both_backends(trained, exported):
-    from serving.server import resolve_config
+    from gptoss.serving.server import resolve_config
 
     args = dict(adapter=None, device="cpu", ctx=1024, parallel=1, threads=None, dtype="auto")
     root = exported["root"]
@@ -153,7 +153,7 @@ def test_serve_resolves_real_records_for_both_backends(trained, exported):
 
 
 def test_export_input_check_reads_the_real_run(hub_run):
-    from exporters.runs import resolve_run
+    from gptoss.exporters.runs import resolve_run
 
     inputs = resolve_run(str(hub_run))
     info = TrainingInfo.load(hub_run)

@@ -10,10 +10,10 @@ import pytest
 from gptoss import harmony
 from gptoss.cli import resolve
 from gptoss.records import GGUFArtifact, Manifest, MergedFolder, TrainingInfo
-from serving import serve
-from serving.backends import BACKENDS, ServeError, get_backend
-from serving.chat import ChatOutput
-from serving.server import resolve_config
+from gptoss.serving import serve
+from gptoss.serving.backends import BACKENDS, ServeError, get_backend
+from gptoss.serving.chat import ChatOutput
+from gptoss.serving.server import resolve_config
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
 QUESTION = [{"role": "user", "content": "Weather in Paris and Rome?"}]
@@ -105,7 +105,7 @@ def test_flags_are_checked_together(tmp_path):
 
 def test_gpu_that_does_not_exist_names_the_ones_that_do(tmp_path, monkeypatch):
     """No GPU on CI: a stand-in nvidia-smi on PATH lists two (the only fake in this file)."""
-    from serving.server import gpu_problem
+    from gptoss.serving.server import gpu_problem
 
     smi = tmp_path / "bin" / "nvidia-smi"
     smi.parent.mkdir()
@@ -192,7 +192,7 @@ def test_engine_events_survive_unicode_line_separators():
     """A random-weight GPU run tore llama-server events at U+2028 inside generated text."""
     import asyncio
 
-    from serving.llamacpp_backend import sse_lines
+    from gptoss.serving.llamacpp_backend import sse_lines
 
     events = [{"content": f"a{c}b", "tokens": [i]} for i, c in enumerate(SPLITLINES_BREAKERS)]
     events.append({"content": "é日本", "tokens": [99], "stop": True})
@@ -211,7 +211,7 @@ def test_engine_events_survive_unicode_line_separators():
 
 
 def test_api_events_are_one_line_for_any_line_splitter():
-    from serving.api import _sse
+    from gptoss.serving.api import _sse
 
     text = _sse({"choices": [{"delta": {"content": "x" + SPLITLINES_BREAKERS + "日本"}}]})
     assert text.endswith("\n\n") and text.count("\n") == 2

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from training import backends as B
+from gptoss.training import backends as B
 
 
 def test_cli_and_backends_import_without_torch_or_unsloth():

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from _train_support import TRAIN_JSONL, cli
 
-from training import config as C
-from training.run import train
+from gptoss.training import config as C
+from gptoss.training.run import train
 
 # What the issue asks of each preset.
 EXPECTED_PROFILES = {
@@ -86,7 +86,7 @@ def test_all_problems_reported_at_once():
     text = str(e.value)
     assert "(5 problems)" in text
     for fragment in ("--max-steps: must be at least 1", "--rank: expected an integer", "--lora-dropout: must be 0 when the experts",
-                     "--loss-on: must be one of assistant, final", "--eval-fraction: must be in [0, 0.5)"):
+                     "--loss-on 'everything': not one of assistant, final", "--eval-fraction: must be in [0, 0.5)"):
         assert fragment in text
 
 

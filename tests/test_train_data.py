@@ -9,7 +9,7 @@ import pytest
 from _train_support import TRAIN_JSONL, tokenizer
 
 from gptoss import harmony
-from training import data as D
+from gptoss.training import data as D
 
 
 def _spans(ids, labels, tok) -> list[str]:
@@ -276,7 +276,7 @@ def test_hub_dataset_reads_from_the_cache_offline(tmp_path, monkeypatch):
 
     from huggingface_hub import constants
 
-    from hfcache.layout import import_folder
+    from gptoss.hfcache.layout import import_folder
 
     folder = tmp_path / "download" / "data"
     folder.mkdir(parents=True)

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from training.config import TrainConfig
-from training.monitor import Monitor, loss_summary
+from gptoss.training.config import TrainConfig
+from gptoss.training.monitor import Monitor, loss_summary
 
 
 @pytest.mark.parametrize(

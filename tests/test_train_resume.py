@@ -14,7 +14,7 @@ from pathlib import Path
 
 from _train_support import FAST, TRAIN_JSONL, cli
 
-from training import loop
+from gptoss.training import loop
 
 # Constant lr without warmup: the schedule does not depend on --max-steps, so a run started for
 # 1000 steps and resumed for N is comparable with an uninterrupted N-step run.

@@ -82,25 +82,15 @@ def make_split_run(base_dir: str | Path, run_dir: str | Path, *, trained_on: str
                    alpha: int = 8, seed: int = 0, b_std: float = 0.05) -> Path:
     """``run_dir/adapter``: PEFT LoRA on the split tree (attention + every expert Linear), random B,
     saved as PEFT saves it, and training_info.json with the base fields `gptoss train` records."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer
+    from lora_fixtures import save_random_adapter
+    from peft import LoraConfig
 
     from gptoss.records import DataInfo, TrainingInfo
-    from training.run import base_fields
+    from gptoss.training.run import base_fields
 
     run_dir = Path(run_dir)
-    model = split_model(base_dir)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
-                                                  target_modules=SPLIT_TARGETS))
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * b_std)
-    adapter_dir = run_dir / "adapter"
-    peft_model.save_pretrained(str(adapter_dir))
-    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(adapter_dir))
+    save_random_adapter(split_model(base_dir), LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=SPLIT_TARGETS),
+                        base_dir, run_dir, seed=seed, b_std=b_std)
     data = Path(__file__).resolve().parent / "data" / "train_tiny.jsonl"
     TrainingInfo(run=run_dir.name, backend="unsloth-stand-in (tests/unsloth_split.py)",
                  note="seeded random LoRA on the split tree (not trained)", **base_fields(str(trained_on), None),

@@ -1,5 +1,5 @@
 """The training stage: `gptoss train` (LoRA on attention and MoE experts; Unsloth or transformers+PEFT)."""
 
-from training.run import train
+from gptoss.training.run import train
 
 __all__ = ["train"]

@@ -9,6 +9,7 @@ model loads.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import sys
 import typing
@@ -16,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from gptoss.choices import choice_problem, flag, literal_choices
 from gptoss.errors import ToolchainError
 
 if sys.version_info >= (3, 11):
@@ -41,59 +43,64 @@ class ConfigError(ToolchainError):
         super().__init__(f"{heading} ({n} problem{'s' if n != 1 else ''}):\n  {lines}")
 
 
+def _f(default: Any, help: str) -> Any:
+    """A field with its help: `gptoss train --help` and train()'s signature are derived from these."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Everything a training run depends on. Defaults are the seeds' Unsloth recipe."""
 
-    profile: str = DEFAULT_PROFILE
+    profile: str = _f(DEFAULT_PROFILE, "preset: quick_test, standard, full, max_quality, conservative, memory_efficient.")
     # Model and backend
-    model: str | None = None  # None: the backend's default checkpoint
-    revision: str | None = None
-    backend: Literal["auto", "unsloth", "transformers"] = "auto"
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    load_in_4bit: bool | None = None  # None: on CUDA
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    model: str | None = _f(None, "base model, a Hub id or a local checkpoint directory (default: the backend's gpt-oss-20b).")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.")
+    backend: Literal["auto", "unsloth", "transformers"] = _f("auto", "auto (unsloth on CUDA when installed, else transformers), unsloth or transformers.")
+    device: Literal["auto", "cuda", "cpu"] = _f("auto", "auto, cuda or cpu.")
+    load_in_4bit: bool | None = _f(None, "load the base model in 4-bit (bitsandbytes; default: on CUDA).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f("auto", "compute/weight dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32.")
     # Data
-    dataset: str = DEFAULT_DATASET
-    dataset_split: str = "train"
-    dataset_revision: str | None = None
-    max_rows: int | None = None
-    max_seq_length: int = 1024
-    too_long: Literal["drop", "truncate"] = "drop"
-    loss_on: Literal["assistant", "final"] = "assistant"
-    reasoning_effort: Literal["low", "medium", "high"] = "medium"
-    eval_fraction: float = 0.0
-    eval_steps: int | None = None  # None: at every checkpoint and at the end
-    skip_bad_rows: bool = False
+    dataset: str = _f(DEFAULT_DATASET, "Hub dataset id or a local .jsonl/.parquet file of {\"messages\": [...]} rows.")
+    dataset_split: str = _f("train", "split of a Hub dataset.")
+    dataset_revision: str | None = _f(None, "Hub revision of the dataset.")
+    max_rows: int | None = _f(None, "use only the first N rows.")
+    max_seq_length: int = _f(1024, "longest row in tokens.")
+    too_long: Literal["drop", "truncate"] = _f("drop", "what to do with longer rows: drop or truncate.")
+    loss_on: Literal["assistant", "final"] = _f("assistant", "assistant (analysis and final of the last assistant turn) or final (final answer only).")
+    reasoning_effort: Literal["low", "medium", "high"] = _f("medium", "reasoning effort in the system message for rows without their own reasoning_effort: low, medium, high.")
+    eval_fraction: float = _f(0.0, "fraction of rows held out for the eval loss (0 = none).")
+    eval_steps: int | None = _f(None, "evaluate every N steps (default: at every checkpoint and at the end).")
+    skip_bad_rows: bool = _f(False, "skip malformed rows (the count is reported) instead of stopping at the first.")
     # LoRA
-    rank: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    use_rslora: bool = False
-    lora_targets: Literal["all", "attention", "experts"] = "all"
+    rank: int = _f(8, "LoRA rank r.")
+    lora_alpha: int = _f(16, "LoRA alpha.")
+    lora_dropout: float = _f(0.0, "LoRA dropout; must be 0 when the experts are targeted.")
+    use_rslora: bool = _f(False, "rank-stabilised LoRA scaling alpha/sqrt(r).")
+    lora_targets: Literal["all", "attention", "experts"] = _f("all", "all (attention and experts), attention, or experts.")
     # Optimisation
-    max_steps: int = 200
-    batch_size: int = 2
-    grad_accum: int = 8
-    learning_rate: float = 2e-4
-    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_steps: int = 5
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    optim: Literal["auto", "adamw_8bit", "adamw_torch"] = "auto"
-    gradient_checkpointing: Literal["unsloth", "on", "off"] = "unsloth"
-    seed: int = 3407
+    max_steps: int = _f(200, "optimizer steps.")
+    batch_size: int = _f(2, "rows per micro-batch.")
+    grad_accum: int = _f(8, "micro-batches per optimizer step.")
+    learning_rate: float = _f(2e-4, "peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = _f("linear", "linear, cosine or constant, after warmup.")
+    warmup_steps: int = _f(5, "linear warmup steps.")
+    weight_decay: float = _f(0.01, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm.")
+    optim: Literal["auto", "adamw_8bit", "adamw_torch"] = _f("auto", "auto (adamw_8bit on CUDA, adamw_torch on CPU), adamw_8bit or adamw_torch.")
+    gradient_checkpointing: Literal["unsloth", "on", "off"] = _f("unsloth", "unsloth (plain checkpointing on the transformers backend), on, off.")
+    seed: int = _f(3407, "random seed for LoRA init and data order.")
     # Outputs and monitoring
-    output_dir: str = "models"
-    run_name: str | None = None
-    save_steps: int = 50
-    keep_checkpoints: int = 3
-    logging_steps: int = 1
-    tensorboard: bool = True
-    wandb_project: str = "gptoss-train"
-    loss_target: float = 0.5
-    overfit_below: float = 0.3
-    underfit_above: float = 1.0
+    output_dir: str = _f("models", "where runs go; <output_dir>/latest links to the newest finished run.")
+    run_name: str | None = _f(None, "directory name of the run (default gpt-oss-20b_<profile>_r<rank>_<timestamp>).")
+    save_steps: int = _f(50, "write a checkpoint every N steps.")
+    keep_checkpoints: int = _f(3, "keep the newest K checkpoints.")
+    logging_steps: int = _f(1, "print a log line every N steps.")
+    tensorboard: bool = _f(True, "write TensorBoard logs under <run>/logs.")
+    wandb_project: str = _f("gptoss-train", "W&B project, used only when WANDB_API_KEY is set.")
+    loss_target: float = _f(0.5, "loss monitor target.")
+    overfit_below: float = _f(0.3, "final loss below this warns of overfitting.")
+    underfit_above: float = _f(1.0, "final loss above this warns of underfitting.")
 
     def __post_init__(self):
         problems = self.problems()
@@ -108,10 +115,9 @@ class TrainConfig:
                 out.append(f"{flag(name)}: {what}, got {getattr(self, name)!r}")
 
         for name, tp in _hints().items():
-            choices = _literal_choices(tp)
-            value = getattr(self, name)
-            if choices and value not in choices:
-                out.append(f"{flag(name)}: must be one of {', '.join(choices)}, got {value!r}")
+            choices = literal_choices(tp)
+            if choices and (wrong := choice_problem(flag(name), getattr(self, name), choices)):
+                out.append(wrong)
         for name in ("max_steps", "batch_size", "grad_accum", "rank", "lora_alpha", "save_steps", "keep_checkpoints", "logging_steps"):
             need(getattr(self, name) >= 1, name, "must be at least 1")
         need(self.max_seq_length >= 32, "max_seq_length", "must be at least 32 tokens")
@@ -144,20 +150,42 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
-def _literal_choices(tp) -> tuple | None:
-    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
-
-
 def _hints() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
+
+
+def flag_help(name: str) -> str:
+    """A field's help, with the value used when the flag is left out (the default profile's, else the field's)."""
+    field = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
+    preset, _ = load_profile(DEFAULT_PROFILE) if name != "profile" else ({}, [])
+    default = preset.get(name, field.default)
+    text = field.metadata["help"]
+    if default is None or "default" in text:
+        return text
+    shown = str(default).lower() if isinstance(default, bool) else default
+    return f"{text.rstrip('.')} (default {shown})."
+
+
+def derive_command(fn, *, extra: dict[str, tuple[Any, str]], returns: str) -> None:
+    """Give ``fn(**flags)`` the signature, annotations and Args docs of TrainConfig's fields (+ ``extra``), so the CLI
+    (gptoss/cli.py: flags, choices, help) and Python callers see one keyword-only parameter per field."""
+    hints = _hints()
+    params, annotations, docs = [], {}, []
+    for name in field_names():
+        annotations[name] = typing.Optional[hints[name]]
+        docs.append(f"    {name}: {flag_help(name)}")
+    for name, (hint, text) in extra.items():
+        annotations[name] = hint
+        docs.append(f"    {name}: {text}")
+    for name in annotations:
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotations[name]))
+    fn.__signature__ = inspect.Signature(params, return_annotation=str)
+    fn.__annotations__ = {**annotations, "return": str}
+    fn.__doc__ = inspect.cleandoc(fn.__doc__ or "") + "\n\nArgs:\n" + "\n".join(docs) + f"\nReturns:\n    {returns}\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +249,7 @@ def coerce(name: str, value: Any) -> tuple[Any, str | None]:
 
 
 def profiles_dir() -> Path:
-    return Path(str(resources.files("training").joinpath("profiles")))
+    return Path(str(resources.files("gptoss.training").joinpath("profiles")))
 
 
 def profile_names() -> list[str]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss.errors import ToolchainError
-from training.data import IGNORE_INDEX, Example
+from gptoss.training.data import IGNORE_INDEX, Example
 
 log = logging.getLogger("gptoss.train")
 

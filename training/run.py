@@ -28,10 +28,10 @@ from gptoss.hubid import is_hub_id
 from gptoss.latest import LATEST, switch_latest
 from gptoss.machine import package_versions, peak_rss_bytes
 from gptoss.records import DataInfo, TrainingInfo, write_json_atomic
-from training import backends as backends_mod
-from training import config as config_mod
-from training import data as data_mod
-from training.config import ConfigError, TrainConfig, flag
+from gptoss.training import backends as backends_mod
+from gptoss.training import config as config_mod
+from gptoss.training import data as data_mod
+from gptoss.training.config import ConfigError, TrainConfig, flag
 
 log = logging.getLogger("gptoss.train")
 
@@ -325,7 +325,7 @@ def run(overrides: dict[str, Any], *, resume: Any = None) -> Path:
     )
     data_record = data.record()
 
-    from training import loop
+    from gptoss.training import loop
 
     resume_from = None
     if resume_dir is not None:
@@ -383,8 +383,8 @@ def _load_model(cfg: TrainConfig, backend):
 
 def _train_and_finish(cfg, backend, tokenizer, data, data_record, run_dir: Path, resume_from, started, *,
                       model, groups_start, load_seconds) -> Path:
-    from training import loop
-    from training.monitor import Monitor, loss_summary
+    from gptoss.training import loop
+    from gptoss.training.monitor import Monitor, loss_summary
 
     name = run_dir.name[: -len(PARTIAL_SUFFIX)] if run_dir.name.endswith(PARTIAL_SUFFIX) else run_dir.name
     start_step = json.loads((resume_from / loop.STATE_FILE).read_text())["step"] if resume_from else 0
@@ -462,108 +462,20 @@ def _train_and_finish(cfg, backend, tokenizer, data, data_record, run_dir: Path,
 # The command
 
 
-def train(
-    *,
-    profile: str | None = None,
-    model: str | None = None,
-    revision: str | None = None,
-    backend: str | None = None,
-    device: str | None = None,
-    load_in_4bit: bool | None = None,
-    dtype: str | None = None,
-    dataset: str | None = None,
-    dataset_split: str | None = None,
-    dataset_revision: str | None = None,
-    max_rows: int | None = None,
-    max_seq_length: int | None = None,
-    too_long: str | None = None,
-    loss_on: str | None = None,
-    reasoning_effort: str | None = None,
-    eval_fraction: float | None = None,
-    eval_steps: int | None = None,
-    skip_bad_rows: bool | None = None,
-    rank: int | None = None,
-    lora_alpha: int | None = None,
-    lora_dropout: float | None = None,
-    use_rslora: bool | None = None,
-    lora_targets: str | None = None,
-    max_steps: int | None = None,
-    batch_size: int | None = None,
-    grad_accum: int | None = None,
-    learning_rate: float | None = None,
-    lr_scheduler: str | None = None,
-    warmup_steps: int | None = None,
-    weight_decay: float | None = None,
-    max_grad_norm: float | None = None,
-    optim: str | None = None,
-    gradient_checkpointing: str | None = None,
-    seed: int | None = None,
-    output_dir: str | None = None,
-    run_name: str | None = None,
-    save_steps: int | None = None,
-    keep_checkpoints: int | None = None,
-    logging_steps: int | None = None,
-    tensorboard: bool | None = None,
-    wandb_project: str | None = None,
-    loss_target: float | None = None,
-    overfit_below: float | None = None,
-    underfit_above: float | None = None,
-    resume: str | bool | None = None,
-) -> str:
+def train(**flags: Any) -> str:
     """Fine-tune gpt-oss with LoRA on attention and the MoE experts; writes models/<run>/.
 
     Every flag left out comes from the profile (training/profiles/<profile>.toml), then from the
     defaults (the Unsloth gpt-oss-20b recipe). The whole configuration is checked before any
     model loads and every problem is reported at once.
-
-    Args:
-        profile: preset: quick_test, standard (default), full, max_quality, conservative, memory_efficient.
-        model: base model, a Hub id or a local checkpoint directory (default: the backend's gpt-oss-20b).
-        revision: Hub revision (branch, tag or commit) of the base model.
-        backend: auto (unsloth on CUDA when installed, else transformers), unsloth or transformers.
-        device: auto, cuda or cpu.
-        load_in_4bit: load the base model in 4-bit (bitsandbytes; default: on CUDA).
-        dtype: compute/weight dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32.
-        dataset: Hub dataset id or a local .jsonl/.parquet file of {"messages": [...]} rows (default HuggingFaceH4/Multilingual-Thinking).
-        dataset_split: split of a Hub dataset (default train).
-        dataset_revision: Hub revision of the dataset.
-        max_rows: use only the first N rows.
-        max_seq_length: longest row in tokens (default 1024).
-        too_long: what to do with longer rows: drop (default) or truncate.
-        loss_on: assistant (analysis and final of the last assistant turn, default) or final (final answer only).
-        reasoning_effort: reasoning effort in the system message for rows without their own reasoning_effort: low, medium (default), high.
-        eval_fraction: fraction of rows held out for the eval loss (0 = none).
-        eval_steps: evaluate every N steps (default: at every checkpoint and at the end).
-        skip_bad_rows: skip malformed rows (the count is reported) instead of stopping at the first.
-        rank: LoRA rank r (default 8).
-        lora_alpha: LoRA alpha (default 16).
-        lora_dropout: LoRA dropout; must be 0 when the experts are targeted.
-        use_rslora: rank-stabilised LoRA scaling alpha/sqrt(r).
-        lora_targets: all (attention and experts, default), attention, or experts.
-        max_steps: optimizer steps.
-        batch_size: rows per micro-batch (default 2).
-        grad_accum: micro-batches per optimizer step (default 8).
-        learning_rate: peak learning rate (default 2e-4).
-        lr_scheduler: linear (default), cosine or constant, after warmup.
-        warmup_steps: linear warmup steps (default 5).
-        weight_decay: AdamW weight decay (default 0.01).
-        max_grad_norm: gradient clipping norm (default 1.0).
-        optim: auto (adamw_8bit on CUDA, adamw_torch on CPU), adamw_8bit or adamw_torch.
-        gradient_checkpointing: unsloth (default; plain checkpointing on the transformers backend), on, off.
-        seed: random seed for LoRA init and data order (default 3407).
-        output_dir: where runs go (default models); <output_dir>/latest links to the newest finished run.
-        run_name: directory name of the run (default gpt-oss-20b_<profile>_r<rank>_<timestamp>).
-        save_steps: write a checkpoint every N steps (default from the profile).
-        keep_checkpoints: keep the newest K checkpoints (default 3).
-        logging_steps: print a log line every N steps (default 1).
-        tensorboard: write TensorBoard logs under <run>/logs (default true).
-        wandb_project: W&B project, used only when WANDB_API_KEY is set.
-        loss_target: loss monitor target (default 0.5).
-        overfit_below: final loss below this warns of overfitting (default 0.3).
-        underfit_above: final loss above this warns of underfitting (default 1.0).
-        resume: continue an unfinished run from its newest checkpoint: its directory, or bare --resume for the newest under output_dir.
-    Returns:
-        The finished run's directory.
     """
-    overrides = {k: v for k, v in locals().items() if k != "resume"}
-    return str(run(overrides, resume=resume))
+    resume = flags.pop("resume", None)
+    if unknown := sorted(set(flags) - set(config_mod.field_names())):
+        raise ConfigError([f"{flag(k)}: not a flag of `gptoss train` (see gptoss train --help)" for k in unknown])
+    return str(run(flags, resume=resume))
+
+
+# The flags, their types, choices and help come from TrainConfig's fields (training/config.py), plus --resume.
+config_mod.derive_command(train, extra={"resume": (
+    str | bool | None, "continue an unfinished run from its newest checkpoint: its directory, or bare --resume "
+    "for the newest under output_dir.")}, returns="The finished run's directory.")

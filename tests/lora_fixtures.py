@@ -30,30 +30,39 @@ def make_run(base_dir: str | Path, run_dir: str | Path, *, r: int = 4, alpha: in
              b_std: float = 0.05, experts: bool = True, base_model: str | None = None) -> Path:
     """Write ``run_dir/adapter`` (PEFT save + tokenizer) and ``run_dir/training_info.json``."""
     import torch
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     run_dir = Path(run_dir)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.bfloat16)
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, lora_config(r, alpha, experts=experts))
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * b_std)
-    adapter_dir = run_dir / "adapter"
-    peft_model.save_pretrained(str(adapter_dir))
-    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(adapter_dir))
+    save_random_adapter(model, lora_config(r, alpha, experts=experts), base_dir, run_dir, seed=seed, b_std=b_std)
     TrainingInfo(
         run=run_dir.name,
         base_model=base_model or str(Path(base_dir).absolute()),
         base_model_revision=None,
         backend="fixture",
-        note="seeded random LoRA from exporters.fixtures.make_run (not trained)",
+        note="seeded random LoRA from tests/lora_fixtures.py make_run (not trained)",
         lora={"r": r, "lora_alpha": alpha, "target_modules": ATTENTION, "target_parameters": EXPERTS if experts else []},
     ).write(run_dir)
     return run_dir
+
+
+def save_random_adapter(model, config, base_dir: str | Path, run_dir: Path, *, seed: int, b_std: float) -> None:
+    """``model`` wrapped with PEFT ``config``, its B matrices random (PEFT starts them at zero), saved with the
+    base's tokenizer as ``run_dir/adapter``."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * b_std)
+    adapter_dir = Path(run_dir) / "adapter"
+    peft_model.save_pretrained(str(adapter_dir))
+    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(adapter_dir))
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:

@@ -79,7 +79,7 @@ class Question:
 def question_from(dataset: str, *, reasoning_effort: str, split: str = "train", revision: str | None = None,
                   row: int = QUESTION_ROW) -> Question:
     """The ``row``-th usable row of the training data (read by the training stage's own reader)."""
-    from training import data as D
+    from gptoss.training import data as D
 
     source = D.resolve_source(dataset, split=split, revision=revision)
     seen = 0
@@ -442,7 +442,7 @@ def _cpu_seconds() -> float:
 
 
 def _train_command(flags: dict[str, Any]) -> str:
-    from training.config import flag
+    from gptoss.training.config import flag
 
     words = ["gptoss", "train"]
     for name, value in flags.items():
@@ -506,9 +506,9 @@ def pipeline(*, demo: bool = False, model: str | None = None, dataset: str | Non
     if not model or not dataset:
         raise PipelineError("pass --demo, or both --model and --dataset")
 
-    import training
-    from exporters.export import export_run
-    from training.config import build_config
+    from gptoss import training
+    from gptoss.exporters.export import export_run
+    from gptoss.training.config import build_config
 
     flags: dict[str, Any] = dict(DEMO_TRAIN_FLAGS) if demo else {"profile": profile}
     if max_steps is not None:
