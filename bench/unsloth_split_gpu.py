@@ -68,7 +68,7 @@ def tail(text: str, n: int = 3000) -> str:
 
 def prompt_tokens() -> list[list[int]]:
     sys.path.insert(0, str(REPO))
-    from exporters import fidelity
+    from gptoss.exporters import fidelity
 
     return fidelity.prompt_tokens()
 
@@ -349,7 +349,7 @@ def compare_logits(work: Path, pairs: dict[str, tuple[str, str]]) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(REPO))
-    from exporters import fidelity
+    from gptoss.exporters import fidelity
 
     lengths = [len(t) for t in prompt_tokens()]
     cuts = np.cumsum(lengths)[:-1]

@@ -156,7 +156,7 @@ def test_the_tiny_fixture_imported_loads_offline_in_transformers_and_the_merge(t
     config = json.loads((tiny_model / "config.json").read_text())
     out = offline(
         "from transformers import AutoConfig, AutoTokenizer\n"
-        "from exporters.checkpoint import resolve_model_dir\n"
+        "from gptoss.exporters.checkpoint import resolve_model_dir\n"
         f"c = AutoConfig.from_pretrained({REPO!r}); t = AutoTokenizer.from_pretrained({REPO!r})\n"
         f"print(c.model_type, c.num_hidden_layers, c.hidden_size, len(t), *resolve_model_dir({REPO!r}))", e)
     assert out.split() == ["gpt_oss", str(config["num_hidden_layers"]), str(config["hidden_size"]),

@@ -67,3 +67,24 @@ def test_checkout_on_pythonpath_imports_stages_under_gptoss(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [str(REPO / "publishing" / "__init__.py"), str(REPO / "training" / "__init__.py")]
+
+
+def test_no_module_imports_a_stage_by_its_bare_folder_name():
+    """In a checkout `import serving` still resolves (the folder is on sys.path), so only a scan catches it."""
+    import ast
+
+    bare = []
+    for path in sorted(REPO.glob("*/**/*.py")):
+        if path.parts[len(REPO.parts)] not in (*STAGES, "gptoss", "tests", "bench"):
+            continue
+        text = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(text)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+            bare += [f"{path.relative_to(REPO)}:{node.lineno}: {n}" for n in names if n.split(".")[0] in STAGES]
+        # code run in child processes (python -c / -m strings)
+        for n in STAGES:
+            for marker in (f'"from {n}.', f'"from {n} import', f'"import {n}', f'"-m", "{n}.'):
+                if marker in text:
+                    bare.append(f"{path.relative_to(REPO)}: {marker}")
+    assert bare == []
