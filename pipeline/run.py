@@ -166,7 +166,8 @@ def _tail(path: Path, n: int = SERVE_LOG_TAIL) -> str:
 
 def serve_command(backend: str, model: str, *, quant: str | None = None) -> list[str]:
     """The `gptoss serve` arguments the pipeline uses (CPU, one slot); the port comes after."""
-    cmd = ["serve", "--backend", backend, "--model", model, "--device", "cpu", "--parallel", "1"]
+    # --no-date: the rows were trained without a Current date line, and the answers are compared with them.
+    cmd = ["serve", "--backend", backend, "--model", model, "--device", "cpu", "--parallel", "1", "--no-date"]
     return cmd + (["--quant", quant] if quant else [])
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import time
@@ -299,8 +300,14 @@ def _sse(obj: Any) -> str:
 # The app
 
 
+def server_date() -> str:
+    """The server's local date, YYYY-MM-DD, read per request (as vLLM and Ollama put it in the system message)."""
+    return datetime.date.today().isoformat()
+
+
 def create_app(backend: Backend, *, model_id: str | None = None, queue: int | None = None, debug: bool = False,
-               on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
+               on_fatal: Callable[[BaseException], None] | None = None,
+               current_date: Callable[[], str | None] | None = None) -> FastAPI:
     """The API for ``backend``; the backend starts loading when the app starts (``/health`` 503 until ready).
 
     Args:
@@ -308,9 +315,12 @@ def create_app(backend: Backend, *, model_id: str | None = None, queue: int | No
         queue: admitted requests that may wait for a slot (default: 2 x parallel); beyond: 429.
         debug: add ``gptoss_debug`` (the prompt text the engine received) to responses.
         on_fatal: called when the backend fails to start (the CLI stops the server).
+        current_date: the ``Current date:`` of each prompt's system message (default: the server's clock,
+            ``server_date``); returning None leaves the line out.
     """
     state: dict[str, Any] = {"error": None}
     served_id = model_id or backend.model_id
+    date_now = current_date or server_date
     admission = Admission(backend.parallel, 2 * backend.parallel if queue is None else queue)
     metrics = Metrics(admission)
 
@@ -417,7 +427,7 @@ def create_app(backend: Backend, *, model_id: str | None = None, queue: int | No
             raise APIError(404, f"model {req.model!r} does not exist; this server serves {served_id!r}",
                            param="model", code="model_not_found")
         ready_or_503()
-        options = harmony.SystemOptions(reasoning_effort=req.reasoning_effort or "medium")
+        options = harmony.SystemOptions(reasoning_effort=req.reasoning_effort or "medium", current_date=date_now())
         tools = None if req.tool_choice == "none" else req.tools
         try:
             prompt = harmony.render_prompt(req.messages, tools=tools, options=options)

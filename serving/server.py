@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from collections.abc import Callable
 from typing import Literal
 
 from gptoss.choices import choice_problem, signature_problems
@@ -12,6 +13,40 @@ from gptoss.serving import records
 from gptoss.serving.backends import BACKENDS, BackendConfig, ServeError, get_backend
 
 DEVICE = re.compile(r"^(cpu|cuda:\d+)$")
+
+
+CURRENT_DATE_ENV = "GPTOSS_CURRENT_DATE"
+ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def date_policy(current_date, no_date, environ=None) -> Callable[[], str | None] | None:
+    """The ``Current date:`` of every prompt: None (the API's default, the server's clock per request),
+    a pinned date (--current-date), or no line (--no-date). Neither flag: $GPTOSS_CURRENT_DATE (a date, or "none")."""
+    import datetime
+    import os
+
+    environ = os.environ if environ is None else environ
+    if isinstance(no_date, str) and no_date.lower() in ("true", "false"):
+        no_date = no_date.lower() == "true"  # fire leaves lower-case words as text (compose, .env)
+    if not isinstance(no_date, bool):
+        raise ServeError(f"--no-date is a switch (true/false), got {no_date!r}")
+    if no_date and current_date is not None:
+        raise ServeError("--current-date and --no-date contradict each other; give one")
+    if no_date:
+        return lambda: None
+    source, value = ("--current-date", current_date) if current_date is not None else (f"${CURRENT_DATE_ENV}", environ.get(CURRENT_DATE_ENV))
+    if value is None or value == "":
+        return None
+    if source != "--current-date" and str(value).lower() == "none":
+        return lambda: None
+    try:
+        if not isinstance(value, str) or not ISO_DATE.match(value):
+            raise ValueError
+        datetime.date.fromisoformat(value)
+    except ValueError:
+        raise ServeError(f"{source} must be a date YYYY-MM-DD (e.g. 2025-08-05), got {value!r}"
+                         + ('; "none" leaves the date out' if source != "--current-date" else "; --no-date leaves it out")) from None
+    return lambda: value
 
 
 def gpu_problem(device: str) -> str | None:
@@ -91,6 +126,8 @@ def serve(
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto",
     sample_on_device: bool = False,
     model_name: str | None = None,
+    current_date: str | None = None,
+    no_date: bool = False,
     debug: bool = False,
     log_level: str = "info",
 ) -> None:
@@ -111,6 +148,8 @@ def serve(
         dtype: transformers weights dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32.
         sample_on_device: llamacpp: sample inside the compute graph on the GPU (llama.cpp's experimental backend sampling) instead of on the server's CPU thread, slot by slot.
         model_name: the model id clients pass (default: the model file or folder name).
+        current_date: pin the system message's `Current date: YYYY-MM-DD` (default: the server's date at each request, as OpenAI's template, vLLM and Ollama; or $GPTOSS_CURRENT_DATE: a date, or none).
+        no_date: leave `Current date:` out of the prompt (reproducible prompts, e.g. for a model fine-tuned without it).
         debug: add gptoss_debug.prompt (the prompt text the engine received) to responses.
         log_level: uvicorn log level.
     """
@@ -135,7 +174,8 @@ def serve(
         if server is not None:
             server.should_exit = True
 
-    app = create_app(engine, model_id=model_name, queue=queue, debug=debug, on_fatal=on_fatal)
+    dates = date_policy(current_date, no_date)
+    app = create_app(engine, model_id=model_name, queue=queue, debug=debug, on_fatal=on_fatal, current_date=dates)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
     server.run()
     if failure:

@@ -170,9 +170,13 @@ def source_key() -> str:
 
 
 class LiveServer:
-    """`python -m gptoss serve ...` as a child process on a free port, healthy before use."""
+    """`python -m gptoss serve ...` as a child process on a free port, healthy before use.
 
-    def __init__(self, *args: str, log_path: Path, timeout: float = 300.0):
+    Its prompts carry no ``Current date:`` line ($GPTOSS_CURRENT_DATE=none): the fixture was trained
+    without one, and a date changes its answers. ``env`` overrides (e.g. ``{"GPTOSS_CURRENT_DATE": ""}``
+    for the server's clock); a --current-date or --no-date flag wins over both."""
+
+    def __init__(self, *args: str, log_path: Path, timeout: float = 300.0, env: dict[str, str] | None = None):
         import os
         import socket
         import time
@@ -184,7 +188,8 @@ class LiveServer:
             self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         root = Path(__file__).resolve().parent.parent
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])),
+                   **{"GPTOSS_CURRENT_DATE": "none", **(env or {})})
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "gptoss", "serve", "--port", str(self.port), *args],

@@ -205,7 +205,7 @@ def test_a_server_that_fails_to_start_is_reported_with_its_log_and_the_command(t
     assert f"Last lines of {log}:" in msg and str(missing) in log.read_text()
     assert log.read_text().strip().splitlines()[-1].strip() in msg
     assert msg.rstrip().endswith(f"To see it yourself, run: gptoss serve --backend transformers --model {missing} "
-                                 "--device cpu --parallel 1")
+                                 "--device cpu --parallel 1 --no-date")
 
 
 def test_serve_timeout_must_be_positive():
