@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from gptoss.chat.client import ChatError
+from gptoss.machine import stop_process
 
 Backend = Literal["auto", "llamacpp", "transformers"]
 
@@ -86,14 +87,8 @@ class LocalServer:
                             + "\n".join(tail) + f"\n(command: {' '.join(self.command)})")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                self.failed = True
+        if stop_process(self.proc):
+            self.failed = True
         self._log.close()
         if not self.failed and self.proc.returncode in (0, -signal.SIGTERM):
             self.log_path.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""What this machine and process have: package versions, memory, free disk."""
+"""What this machine and process have (package versions, memory, free disk), and stopping a child process."""
 
 from __future__ import annotations
 
@@ -48,3 +48,19 @@ def free_bytes(path: str | os.PathLike) -> int:
     while not p.exists():
         p = p.parent
     return shutil.disk_usage(p).free
+
+
+def stop_process(proc, grace: float = 30) -> bool:
+    """Terminate a child process and wait for it; kill it after ``grace`` seconds. True when it had to be killed."""
+    import subprocess
+
+    if proc.poll() is not None:
+        return False
+    proc.terminate()
+    try:
+        proc.wait(grace)
+        return False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return True

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 from gptoss.errors import ToolchainError
 from gptoss.folders import Folders
+from gptoss.machine import stop_process
 from gptoss.records import Manifest, Record, field
 
 DEMO_DATASET = "demo_harmony.jsonl"
@@ -257,14 +258,8 @@ class Server:
                       self.ready_seconds, round(seconds, 3))
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
 
 
 def serve_once(backend: str, model: str, *, question: Question, log_path: Path, label: str | None = None,

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from gptoss import harmony
+from gptoss.machine import stop_process
 
 WEATHER_TOOL = {
     "type": "function",
@@ -212,13 +213,7 @@ class LiveServer:
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._log.close()
 
 
