@@ -166,7 +166,7 @@ def bench_mode(args, mode: str, srv_args, result: dict, r: dict) -> None:
     import httpx
 
     with serve_load.server(srv_args) as (url, _):
-        engine_url = httpx.get(url + "/health").json()["engine_url"]
+        engine_url = httpx.get(url + "/info").json()["engine_url"]
         if mode == args.modes[0]:  # the engine alone, every sampling mode (per request), once
             result["llama_server_direct"] = asyncio.run(engine_direct(engine_url, args.max_tokens))
         single = asyncio.run(serve_load.throughput(argparse.Namespace(streams=[1], max_tokens=args.max_tokens, repeat=3), url))

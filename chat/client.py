@@ -145,11 +145,12 @@ class Connection:
             raise ChatError(f"--url {url!r}: give an http(s) address such as {DEFAULT_URL}")
         self.url = url
         self.root = url[: -len("/v1")] if url.endswith("/v1") else url
-        self._api_key = api_key or os.environ.get("GPTOSS_API_KEY") or "unused"
+        # $GPTOSS_API_KEY may hold the server's several keys, comma-separated: a client sends the first.
+        self._api_key = api_key or (os.environ.get("GPTOSS_API_KEY") or "").split(",")[0].strip() or "unused"
         self.timeout = timeout
         self._client = None
         self._model: str | None = None
-        self.health: dict | None = None  # the last /health body (gptoss serve: backend, ctx, ...)
+        self.health: dict | None = None  # gptoss serve's GET /info once /health said ready (backend, ctx, ...)
 
     @property
     def client(self):
@@ -178,13 +179,24 @@ class Connection:
         except ValueError:
             body = {}
         if r.status_code == 200:
-            self.health = body if isinstance(body, dict) else None
+            self.health = self._info(headers)
             return True, ""
         if r.status_code == 503:
             return False, str(body.get("reason") or "loading") if isinstance(body, dict) else "loading"
         if r.status_code in (401, 403):
             raise ChatError(self._refused(r.status_code))
         return True, ""  # anything else: let the chat request say what is wrong
+
+    def _info(self, headers: dict) -> dict | None:
+        """gptoss serve's GET /info (its /health shows only the status); None from another server."""
+        import httpx
+
+        try:
+            r = httpx.get(self.root + "/info", timeout=10, headers=headers)
+            body = r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+        return body if isinstance(body, dict) else None
 
     def wait_ready(self, *, timeout: float, notice: Notice | None = None, still_running: Callable[[], None] | None = None) -> None:
         """Wait (showing so) until /health says the model is loaded; ``still_running`` raises if a local server died."""

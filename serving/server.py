@@ -13,6 +13,64 @@ from gptoss.serving import records
 from gptoss.serving.backends import BACKENDS, BackendConfig, ServeError, get_backend
 
 DEVICE = re.compile(r"^(cpu|cuda:\d+)$")
+API_KEY_ENV = "GPTOSS_API_KEY"
+API_KEY = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no space: it travels in a header
+
+
+def api_keys(flag, environ=None) -> tuple[str, ...]:
+    """--api-key (comma-separated; fire hands a list or tuple for "a,b") or else $GPTOSS_API_KEY (comma-separated)."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    source, value = ("--api-key", flag) if flag is not None else (f"${API_KEY_ENV}", environ.get(API_KEY_ENV))
+    if value is None or value == "":
+        return ()
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    keys: list[str] = []
+    for item in items:
+        if not isinstance(item, str):  # fire turned 123 or 1e5 into a number: its text may differ from what was typed
+            raise ServeError(f"{source}: {item!r} was read as a {type(item).__name__}; give keys that are not numbers "
+                             f"(e.g. sk-...) or pass them in ${API_KEY_ENV}")
+        keys += [k.strip() for k in item.split(",") if k.strip()]
+    bad = [k for k in keys if not API_KEY.match(k)]
+    if bad or not keys:
+        raise ServeError(f"{source}: keys are printable ASCII without spaces or commas, separated by commas; got {value!r}")
+    return tuple(dict.fromkeys(keys))
+
+
+CURRENT_DATE_ENV = "GPTOSS_CURRENT_DATE"
+ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def date_policy(current_date, no_date, environ=None) -> Callable[[], str | None] | None:
+    """The ``Current date:`` of every prompt: None (the API's default, the server's clock per request),
+    a pinned date (--current-date), or no line (--no-date). Neither flag: $GPTOSS_CURRENT_DATE (a date, or "none")."""
+    import datetime
+    import os
+
+    environ = os.environ if environ is None else environ
+    if isinstance(no_date, str) and no_date.lower() in ("true", "false"):
+        no_date = no_date.lower() == "true"  # fire leaves lower-case words as text (compose, .env)
+    if not isinstance(no_date, bool):
+        raise ServeError(f"--no-date is a switch (true/false), got {no_date!r}")
+    if no_date and current_date is not None:
+        raise ServeError("--current-date and --no-date contradict each other; give one")
+    if no_date:
+        return lambda: None
+    source, value = ("--current-date", current_date) if current_date is not None else (f"${CURRENT_DATE_ENV}", environ.get(CURRENT_DATE_ENV))
+    if value is None or value == "":
+        return None
+    if source != "--current-date" and str(value).lower() == "none":
+        return lambda: None
+    try:
+        if not isinstance(value, str) or not ISO_DATE.match(value):
+            raise ValueError
+        datetime.date.fromisoformat(value)
+    except ValueError:
+        raise ServeError(f"{source} must be a date YYYY-MM-DD (e.g. 2025-08-05), got {value!r}"
+                         + ('; "none" leaves the date out' if source != "--current-date" else "; --no-date leaves it out")) from None
+    return lambda: value
+
 
 
 CURRENT_DATE_ENV = "GPTOSS_CURRENT_DATE"
@@ -126,6 +184,8 @@ def serve(
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto",
     sample_on_device: bool = False,
     model_name: str | None = None,
+    api_key: str | None = None,
+    metrics_public: bool = False,
     current_date: str | None = None,
     no_date: bool = False,
     debug: bool = False,
@@ -148,6 +208,8 @@ def serve(
         dtype: transformers weights dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32.
         sample_on_device: llamacpp: sample inside the compute graph on the GPU (llama.cpp's experimental backend sampling) instead of on the server's CPU thread, slot by slot.
         model_name: the model id clients pass (default: the model file or folder name).
+        api_key: keys clients must send as `Authorization: Bearer KEY`, comma-separated (default: $GPTOSS_API_KEY, comma-separated; neither: no authentication). /health stays open.
+        metrics_public: serve /metrics without a key (for a Prometheus scraper on a trusted network).
         current_date: pin the system message's `Current date: YYYY-MM-DD` (default: the server's date at each request, as OpenAI's template, vLLM and Ollama; or $GPTOSS_CURRENT_DATE: a date, or none).
         no_date: leave `Current date:` out of the prompt (reproducible prompts, e.g. for a model fine-tuned without it).
         debug: add gptoss_debug.prompt (the prompt text the engine received) to responses.
@@ -163,6 +225,7 @@ def serve(
         raise ServeError(f"--queue must be a non-negative integer, got {queue!r}")
     if not isinstance(port, int) or not 0 <= port <= 65535:
         raise ServeError(f"--port must be 0..65535, got {port!r}")
+    keys = api_keys(api_key)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine request is noise
     engine = get_backend(backend)(config)
@@ -175,7 +238,8 @@ def serve(
             server.should_exit = True
 
     dates = date_policy(current_date, no_date)
-    app = create_app(engine, model_id=model_name, queue=queue, debug=debug, on_fatal=on_fatal, current_date=dates)
+    app = create_app(engine, model_id=model_name, queue=queue, debug=debug, on_fatal=on_fatal, api_keys=keys,
+                     metrics_public=bool(metrics_public), current_date=dates)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
     server.run()
     if failure:

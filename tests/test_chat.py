@@ -457,12 +457,12 @@ def test_ctrl_c_stops_an_answer_and_frees_the_server(one_slot_server, tmp_path):
     try:
         t.type_line("Go on.")
         t.wait_for(r"waiting for the answer\.\.\. [1-9]\d* s \(Ctrl-C stops it\)", transient=True)
-        assert httpx.get(one_slot_server.url + "/health", timeout=30).json()["running"] == 1
+        assert httpx.get(one_slot_server.url + "/info", timeout=30).json()["running"] == 1
         t.child.sendintr()
         t.at_prompt()
         t.wait_for("^stopped; the answer was dropped$")
         deadline = time.monotonic() + 60
-        while httpx.get(one_slot_server.url + "/health", timeout=30).json()["running"]:
+        while httpx.get(one_slot_server.url + "/info", timeout=30).json()["running"]:
             assert time.monotonic() < deadline, "the server still generates for the dropped answer"
             time.sleep(0.1)  # polling the server's state
         t.type_line("/stats")

@@ -69,3 +69,18 @@ def test_ui_points_at_a_serve_service_by_name_and_keeps_the_key_in_the_environme
     assert "healthcheck" in ui and ui["build"]["target"] == "ui"
     other = compose_config({"UI_SERVE_URL": "http://serve-llamacpp:8000/v1"})["services"]["ui"]
     assert _flag(other["command"], "--url") == "http://serve-llamacpp:8000/v1"
+
+
+def test_servers_are_published_on_loopback_and_take_the_key_from_the_environment():
+    """Every serve-* port is on 127.0.0.1 unless SERVE_BIND widens it; GPTOSS_API_KEY reaches each server
+    (it reads it as its --api-key) and is never written in compose.yaml."""
+    servers = ("serve-cpu", "serve-llamacpp", "serve-unsloth")
+    services = compose_config({"GPTOSS_API_KEY": "sk-from-env"})["services"]
+    for name in servers:
+        assert [p["host_ip"] for p in services[name]["ports"]] == ["127.0.0.1"], name
+        assert services[name]["environment"]["GPTOSS_API_KEY"] == "sk-from-env", name
+        assert "--api-key" not in services[name]["command"]
+    wide = compose_config({"SERVE_BIND": "0.0.0.0"})["services"]
+    assert all([p["host_ip"] for p in wide[name]["ports"]] == ["0.0.0.0"] for name in servers)
+    assert "SERVE_BIND=127.0.0.1" in (REPO / ".env.example").read_text().splitlines()
+    assert "sk-" not in (REPO / "compose.yaml").read_text()

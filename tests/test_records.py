@@ -177,9 +177,9 @@ def test_serve_transformers_answers_for_an_export_folder(exported, tmp_path):
     server = serve_support.LiveServer("--backend", "transformers", "--model", str(root), "--ctx", "256",
                                       "--parallel", "1", "--model-name", "tiny", log_path=tmp_path / "serve.log")
     try:
-        health = httpx.get(server.url + "/health", timeout=30).json()
+        info = httpx.get(server.url + "/info", timeout=30).json()
         merged = str((root / Manifest.load(root).merged.path).resolve())
-        assert (health["model"], health["source"]) == (merged, "manifest.json merged")
+        assert (info["model"], info["model_path"], info["source"]) == ("tiny", merged, "manifest.json merged")
         reply = _client(server).chat.completions.create(model="tiny", max_tokens=4, temperature=0,
                                                         messages=[{"role": "user", "content": "Hi"}])
         assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
@@ -197,8 +197,8 @@ def test_a_served_run_reports_the_revision_it_was_trained_on(hub_run, hub_env, t
     server = serve_support.LiveServer("--backend", "transformers", "--model", str(hub_run), "--ctx", "256",
                                       "--parallel", "1", log_path=tmp_path / "serve.log")
     try:
-        health = httpx.get(server.url + "/health", timeout=30).json()
-        assert (health["model"], health["revision"], health["adapter"]) == (
+        info = httpx.get(server.url + "/info", timeout=30).json()
+        assert (info["model_path"], info["revision"], info["adapter"]) == (
             HUB_ID, COMMIT, str((hub_run / "adapter").absolute()))
         client = _client(server)
         reply = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=2, temperature=0,

@@ -98,8 +98,9 @@ def _tool_messages():
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
-    health = httpx.get(server.url + "/health", timeout=30).json()
-    assert health["status"] == "ok" and health["ctx"] == 1024
+    assert httpx.get(server.url + "/health", timeout=30).json() == {"status": "ok"}  # open to probes: nothing more
+    info = httpx.get(server.url + "/info", timeout=30).json()
+    assert info["status"] == "ok" and info["ctx"] == 1024 and info["model"] == MODEL
 
 
 def test_non_stream_separates_reasoning_from_content(server, client):
@@ -239,7 +240,7 @@ def test_sample_on_device_gives_the_same_answers(harmony_models, tmp_path):
     server = sup.LiveServer("--backend", "llamacpp", "--model", str(harmony_models["gguf"]), "--ctx", "1024", "--parallel", "2",
                             "--sample-on-device", "--model-name", MODEL, log_path=tmp_path / "device-sampling.log")
     try:
-        assert httpx.get(server.url + "/health", timeout=30).json()["sample_on_device"] is True
+        assert httpx.get(server.url + "/info", timeout=30).json()["sample_on_device"] is True
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         resp = client.chat.completions.create(model=MODEL, messages=sup.GREETING, temperature=0)
         assert resp.choices[0].message.content == sup.GREETING_ANSWER
@@ -287,14 +288,14 @@ def _gauge(url: str, name: str) -> float:
 
 def _engine_log(server) -> str:
     try:
-        path = httpx.get(server.url + "/health", timeout=30).json().get("engine_log")
+        path = httpx.get(server.url + "/info", timeout=30).json().get("engine_log")
         return Path(path).read_text(errors="replace")[-6000:] if path else ""
     except (httpx.HTTPError, OSError) as e:
         return f"(no engine log: {e})"
 
 
 def _engine_busy(server) -> bool:
-    engine = httpx.get(server.url + "/health", timeout=30).json()["engine_url"]
+    engine = httpx.get(server.url + "/info", timeout=30).json()["engine_url"]
     return any(slot["is_processing"] for slot in httpx.get(engine + "/slots", timeout=30).json())
 
 
@@ -363,7 +364,7 @@ def test_transformers_backend_on_cuda(tiny_model, harmony_models, tmp_path):
                             "--device", "cuda:0", "--ctx", "1024", "--parallel", "2", "--model-name", MODEL,
                             log_path=tmp_path / "transformers-cuda.log")
     try:
-        health = httpx.get(server.url + "/health", timeout=30).json()
+        health = httpx.get(server.url + "/info", timeout=30).json()
         assert health["device"] == "cuda:0" and health["engine"] in ("unsloth", "transformers")
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         resp = client.chat.completions.create(model=MODEL, messages=sup.GREETING, temperature=0)
