@@ -403,7 +403,52 @@ class Published(Record):
     gguf: PublishedRepo | None = field("the GGUF repo", None)
 
 
-RECORDS: tuple[type[Record], ...] = (TrainingInfo, DataInfo, MergeInfo, Manifest, Published)
+# ---------------------------------------------------------------------------------------------
+# Eval: eval.json beside the run's record (models/<run>/, or exports/<run>/ for an export alone)
+
+
+@dataclasses.dataclass
+class ArtifactLoss:
+    """One artifact's loss on the evaluation rows (assistant tokens of the last turn, as training masks them)."""
+
+    name: str = field("base, adapter (base + adapter), merged, or the GGUF's label (F16, Q4_K_M, ...)")
+    kind: str = field("hf (transformers, float32 on CPU) or gguf (llama.cpp bindings, F32 KV cache)")
+    path: str = field("what was scored: the checkpoint folder, the adapter folder or the .gguf")
+    mean_loss: float = field("mean next-token cross-entropy over the supervised tokens, nats")
+    perplexity: float = field("exp(mean_loss)")
+    tokens: int = field("supervised tokens scored")
+    examples: int = field("rows scored")
+    delta_vs_base: float | None = field("mean_loss minus the base's (negative: better than the base)", None)
+    delta_vs_merged: float | None = field("for a GGUF: mean_loss minus the merged model's (what the quant cost)", None)
+    seconds: float | None = field("seconds to load and score it", None)
+
+
+@dataclasses.dataclass
+class EvalRecord(Record):
+    """``eval.json``: held-out loss per artifact, generation checks and harness results of `gptoss eval`."""
+
+    FILE: ClassVar[str] = "eval.json"
+    COMMAND: ClassVar[str] = "gptoss eval"
+
+    run: str = field("the run (or export) evaluated")
+    schema_version: int = field("schema of this record", 1)
+    created: str | None = field("time written, ISO 8601 UTC", None)
+    data: dict = field("the rows: source (held-out or dataset), path, content_sha256, rows, examples, tokens, "
+                       "loss_on, reasoning_effort, max_seq_length, eval_fraction, seed", factory=dict)
+    reference: str | None = field("how the HF rows were computed (dtype, device, RoPE note)", None)
+    artifacts: list[ArtifactLoss] = field("loss per artifact, base first", factory=list)
+    generation: dict | None = field("generation checks through the serving API (base vs fine-tuned), "
+                                    "null when not run", None)
+    harness: dict | None = field("lm-evaluation-harness results (task, model args, metrics), null when not run", None)
+    chart: str | None = field("the PNG chart, relative to this record", None)
+    versions: dict = field("package versions", factory=dict)
+    command: str | None = field("the gptoss command line, when run from the CLI", None)
+
+    def artifact(self, name: str) -> ArtifactLoss | None:
+        return next((a for a in self.artifacts if a.name.lower() == name.lower()), None)
+
+
+RECORDS: tuple[type[Record], ...] = (TrainingInfo, DataInfo, MergeInfo, Manifest, Published, EvalRecord)
 
 
 def markdown() -> str:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from gptoss.hubid import is_hub_id as _is_hub_id
 from gptoss.machine import package_version
-from gptoss.records import Published
+from gptoss.records import EvalRecord, Published
 from gptoss.publishing.records import DEFAULT_TAG, WHATS, _human_size
 
 if TYPE_CHECKING:
@@ -115,6 +115,7 @@ def _card_body(plan: PublishPlan) -> str:
         out += _quant_section(plan)
     out += _usage_section(plan, base_shown)
     out += _training_section(plan)
+    out += _eval_section(plan)
     out += _provenance_section(plan)
     out += [
         "## License",
@@ -315,6 +316,48 @@ def _training_section(plan: PublishPlan) -> list[str]:
             "<details><summary>Resolved training configuration</summary>", "", "```json",
             json.dumps(_public(t.config), indent=2, sort_keys=True), "```", "", "</details>", "",
         ]
+    return out
+
+
+def _eval_record(plan: PublishPlan) -> EvalRecord | None:
+    """eval.json of `gptoss eval`: beside training_info.json, else beside the export's manifest."""
+    for folder in (plan.training.run_dir if plan.training else None, plan.record_dir):
+        if folder is not None and EvalRecord.exists(folder):
+            return EvalRecord.try_load(folder, [])  # unreadable: the card shows no evaluation
+    return None
+
+
+def _eval_section(plan: PublishPlan) -> list[str]:
+    """The `gptoss eval` table, when the run was evaluated."""
+    record = _eval_record(plan)
+    if record is None or not (record.artifacts or record.generation or record.harness):
+        return []
+    d = record.data
+    rows = "the rows training held out" if d.get("source") == "held-out" else f"`{_public(d.get('path'))}`"
+    out = ["## Evaluation", ""]
+    if record.artifacts:
+        out += [f"Loss on {rows} ({_fmt(d.get('examples'))} rows, {_fmt(d.get('tokens'))} assistant tokens of the last "
+                f"turn, masked as in training), by `gptoss eval`{f' on {record.created[:10]}' if record.created else ''}. "
+                "Lower is better; Δ vs merged is what each quant cost.", "",
+                "| artifact | mean loss | perplexity | Δ vs base | Δ vs merged |", "|---|---|---|---|---|"]
+        for a in record.artifacts:
+            signed = lambda x: "" if x is None else f"{x:+.4f}"  # noqa: E731
+            out.append(f"| {a.name} | {a.mean_loss:.4f} | {a.perplexity:.4g} | {signed(a.delta_vs_base)} | "
+                       f"{signed(a.delta_vs_merged)} |")
+        out.append("")
+    gen = record.generation or {}
+    if gen.get("models"):
+        out += ["Generation checks through the serving API (temperature 0, seed "
+                f"{_fmt(gen.get('seed'))}, {_fmt(gen.get('prompts'))} prompts):", "",
+                "| model | well-formed Harmony | exact | contains | token F1 | answer chars |", "|---|---|---|---|---|---|"]
+        for name, m in gen["models"].items():
+            out.append(f"| {name} | {_fmt(m.get('well_formed'))} | {_fmt(m.get('exact'))} | {_fmt(m.get('contains'))} | "
+                       f"{_fmt(m.get('token_f1'))} | {_fmt(m.get('answer_chars'))} |")
+        out.append("")
+    h = record.harness or {}
+    if h.get("metrics"):
+        out += [f"lm-evaluation-harness task `{h.get('task')}`:", "", "| metric | value |", "|---|---|"]
+        out += [f"| {k} | {_fmt(v)} |" for k, v in h["metrics"].items()] + [""]
     return out
 
 

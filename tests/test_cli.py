@@ -23,7 +23,8 @@ def test_command_table_matches_readme():
 
 def test_commands_live_in_stage_folders():
     stage_modules = ("gptoss.fixtures", "gptoss.pipeline", "gptoss.training", "gptoss.exporters", "gptoss.modelfiles",
-                     "gptoss.publishing", "gptoss.serving", "gptoss.hfcache", "gptoss.llamacpp", "gptoss.chat")
+                     "gptoss.publishing", "gptoss.serving", "gptoss.hfcache", "gptoss.llamacpp", "gptoss.chat",
+                     "gptoss.evaluation")
     for name in COMMANDS:
         fn = resolve(name)
         assert fn.__module__.startswith(stage_modules), f"{name} -> {fn.__module__}"

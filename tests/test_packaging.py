@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("training", "exporters", "serving", "modelfiles", "publishing", "pipeline", "hfcache", "chat")
+STAGES = ("training", "exporters", "serving", "modelfiles", "publishing", "pipeline", "hfcache", "chat", "evaluation")
 
 
 @pytest.fixture(scope="module")
