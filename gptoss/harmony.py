@@ -136,6 +136,10 @@ def tool_descriptions(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[st
 
 
 def _tool_call_arguments(call: Mapping[str, Any], where: str) -> tuple[str, str]:
+    if not isinstance(call, Mapping):
+        raise HarmonyInputError(f"{where}: a tool call must be an object with 'function', got {type(call).__name__}")
+    if call.get("id") is not None and not isinstance(call["id"], str):
+        raise HarmonyInputError(f"{where}.id: must be a string, got {type(call['id']).__name__}")
     fn = call.get("function", call)
     name = fn.get("name") if isinstance(fn, Mapping) else None
     if not isinstance(name, str) or not name:
@@ -207,6 +211,8 @@ def to_conversation(
                 thinking, content = content, ""
             if thinking and i > last_user:
                 body.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, _text(thinking, where)).with_channel("analysis"))
+            if not isinstance(msg.get("tool_calls") or [], list):
+                raise HarmonyInputError(f"{where}.tool_calls: must be a list of tool calls, got {type(msg['tool_calls']).__name__}")
             for j, call in enumerate(msg.get("tool_calls") or []):
                 name, args = _tool_call_arguments(call, f"{where}.tool_calls[{j}]")
                 if call.get("id"):
@@ -221,6 +227,9 @@ def to_conversation(
             if content or not (thinking or msg.get("tool_calls")):
                 body.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, content).with_channel("final"))
         elif role == "tool":
+            for key in ("tool_call_id", "name"):
+                if msg.get(key) is not None and not isinstance(msg[key], str):
+                    raise HarmonyInputError(f"{where}.{key}: must be a string, got {type(msg[key]).__name__}")
             name = msg.get("name") or call_names.get(msg.get("tool_call_id") or "") or last_call_name
             if not name:
                 raise HarmonyInputError(f"{where}: tool result with no 'name' and no earlier tool call to answer")

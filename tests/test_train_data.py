@@ -296,3 +296,73 @@ def test_hub_dataset_reads_from_the_cache_offline(tmp_path, monkeypatch):
     assert source.found["revision"] == commit
     with pytest.raises(D.DataError, match="gptoss cache import DIR --repo-id acme/other --repo-type dataset"):
         list(D.read_hub(D.resolve_source("acme/other")))
+
+
+# Rows that crashed `gptoss train` with a traceback before they were checked (the exception they
+# raised is noted): each is now a bad row naming the file, the row and the field.
+_TOOL_Q = {"role": "user", "content": "Weather in Paris?"}
+_CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+CRASHING_ROWS = [
+    # UnicodeDecodeError while iterating the file (it was opened as UTF-8 text)
+    (b'{"messages": [{"role": "user", "content": "caf\xe9"}, {"role": "assistant", "content": "ok"}]}',
+     "not valid UTF-8 (byte 0xe9 at byte 47 of the line: invalid continuation byte)"),
+    # AttributeError in harmony._tool_call_arguments ('str' object has no attribute 'get')
+    (json.dumps({"messages": [_TOOL_Q, {"role": "assistant", "tool_calls": "get_weather"}]}).encode(),
+     "field 'messages[1].tool_calls': must be a list of tool calls, got str"),
+    (json.dumps({"messages": [_TOOL_Q, {"role": "assistant", "tool_calls": [5]}]}).encode(),
+     "field 'messages[1].tool_calls[0]': a tool call must be an object with 'function', got int"),
+    # TypeError: unhashable type (the id is a dict key)
+    (json.dumps({"messages": [_TOOL_Q, {"role": "assistant", "tool_calls": [{**_CALL, "id": ["c1"]}]},
+                              {"role": "tool", "tool_call_id": "c1", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]}).encode(),
+     "field 'messages[1].tool_calls[0].id': must be a string, got list"),
+    (json.dumps({"messages": [_TOOL_Q, {"role": "assistant", "tool_calls": [_CALL]},
+                              {"role": "tool", "tool_call_id": {"id": "c1"}, "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]}).encode(),
+     "field 'messages[2].tool_call_id': must be a string, got dict"),
+    # UnicodeEncodeError (surrogates not allowed) when the row was hashed, then when tokenized
+    (b'{"messages": [{"role": "user", "content": "a\\ud800b"}, {"role": "assistant", "content": "ok"}]}',
+     "field 'messages[0].content': a lone UTF-16 surrogate (\\ud800 at character 2)"),
+    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", '
+     b'"function": {"name": "f", "arguments": "{\\"a\\": \\"\\udfff\\"}"}}]}]}',
+     "field 'messages[1].tool_calls[0].function.arguments': a lone UTF-16 surrogate (\\udfff at character 8)"),
+    (b'{"messages\\ud800": []}', "field 'messages\\ud800 (the key)': a lone UTF-16 surrogate"),
+]
+
+
+def _write_lines(path, lines: list[bytes]):
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize("line, problem", CRASHING_ROWS, ids=range(len(CRASHING_ROWS)))
+def test_rows_that_crashed_train_are_bad_rows(tmp_path, tokenizer, line, problem):
+    good = json.dumps(GOOD).encode()
+    path = _write_lines(tmp_path / "d.jsonl", [good, good, line, good])
+    with pytest.raises(D.DataError) as e:
+        D.prepare(D.resolve_source(str(path)), tokenizer, max_seq_length=1024)
+    message = str(e.value)
+    assert message.startswith(f"{path} row 3: {problem}"), message
+    assert message.endswith("; fix the row or pass --skip-bad-rows")
+    message.encode("utf-8")  # printable: no surrogate of the row leaks into the message
+
+
+def test_skip_bad_rows_skips_the_rows_that_crashed(tmp_path, tokenizer):
+    good = json.dumps(GOOD).encode()
+    path = _write_lines(tmp_path / "d.jsonl", [good, *(line for line, _ in CRASHING_ROWS), good])
+    prepared = D.prepare(D.resolve_source(str(path)), tokenizer, max_seq_length=1024, skip_bad_rows=True)
+    assert prepared.stats["bad"] == len(CRASHING_ROWS) and prepared.stats["kept"] == 2
+    assert [e.row for e in prepared.train] == [1, len(CRASHING_ROWS) + 2]
+    # A surrogate pair is one character once parsed (not a lone surrogate): that row is kept.
+    emoji = b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00?"}, {"role": "assistant", "content": "ok"}]}'
+    pair = D.prepare(D.resolve_source(str(_write_lines(tmp_path / "e.jsonl", [emoji]))), tokenizer, max_seq_length=1024)
+    assert pair.stats["kept"] == 1 and "\U0001F600" in tokenizer.decode(pair.train[0].input_ids)
+
+
+def test_train_reports_a_bad_row_without_a_traceback(tmp_path, tiny_model, capsys):
+    from _train_support import cli
+
+    path = _write_lines(tmp_path / "d.jsonl", [json.dumps(GOOD).encode(), CRASHING_ROWS[0][0]])
+    assert cli("train", "--profile", "quick_test", "--model", tiny_model, "--dataset", path, "--max-steps", "1",
+               "--output-dir", tmp_path / "models") == 2
+    err = capsys.readouterr().err
+    assert f"{path} row 2: not valid UTF-8" in err and "--skip-bad-rows" in err and "Traceback" not in err
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())

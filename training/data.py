@@ -73,9 +73,16 @@ def register_format(kind: str, *suffixes: str):
 
 @register_format("jsonl", ".jsonl")
 def read_jsonl(source: Source) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object); blank lines are skipped, bad JSON raises naming the line."""
-    with open(source.name, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    """(line number, parsed object); blank lines are skipped; a line that is not UTF-8 or not JSON is a bad row."""
+    with open(source.name, "rb") as f:  # bytes: one undecodable line is that row's problem, not the file's
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, _BadRow(
+                    f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line: {e.reason}); the file must be "
+                    f"UTF-8: re-save it as UTF-8 (`iconv -f latin1 -t utf-8 IN > OUT` if it is Latin-1)")
+                continue
             if not line.strip():
                 continue
             try:
@@ -197,6 +204,8 @@ def check_row(row: Any) -> tuple[list[dict[str, Any]], str | None, str | None]:
         return [], None, row.why
     if not isinstance(row, Mapping):
         return [], None, f"expected an object with a 'messages' field, got {type(row).__name__}"
+    if surrogate := _lone_surrogate(row):
+        return [], None, surrogate
     messages = row.get("messages")
     if messages is None:
         return [], None, f"field 'messages': missing (fields present: {', '.join(sorted(map(str, row))) or 'none'})"
@@ -246,8 +255,32 @@ def check_row(row: Any) -> tuple[list[dict[str, Any]], str | None, str | None]:
     return out, effort, None
 
 
+def _lone_surrogate(value: Any, path: str = "") -> str | None:
+    """A problem naming the first string (or key) holding a lone UTF-16 surrogate such as JSON's "\\ud800"
+    (a pair like "\\ud83d\\ude00" is one character once parsed), else None."""
+    if isinstance(value, str):
+        bad = next((i for i, c in enumerate(value) if "\ud800" <= c <= "\udfff"), None)
+        if bad is None:
+            return None
+        return (f"field '{path or 'the row'}': a lone UTF-16 surrogate (\\u{ord(value[bad]):04x} at character {bad + 1}) is not "
+                f"text and cannot be tokenized; fix the escape in the file (a character beyond U+FFFF is written as a "
+                f"surrogate pair, e.g. \\ud83d\\ude00) or drop it")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            key_text = str(key).encode("utf-8", "backslashreplace").decode("utf-8")  # printable even when it is the culprit
+            where = f"{path}.{key_text}" if path else key_text
+            if found := _lone_surrogate(key, where + " (the key)") or _lone_surrogate(item, where):
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if found := _lone_surrogate(item, f"{path}[{i}]"):
+                return found
+    return None
+
+
 def _canonical(row: Any) -> bytes:
-    return json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
+    # surrogatepass: a row with a lone surrogate is hashed (it is then reported bad), not a crash
+    return json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass")
 
 
 # ---------------------------------------------------------------------------------------------
