@@ -9,6 +9,7 @@ tensor in float32 plus the adapter, so a 24 GB machine merges the 42 GB gpt-oss-
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -264,27 +265,30 @@ def run_merge(mp: MergePlan, *, progress: bool = True, command: str | None = Non
     out, base, adapter, plan = mp.out, mp.base, mp.adapter, mp.deltas
     shards = plan_shards(mp.entries, mp.shard_bytes)
     total = mp.total_bytes
-    if check_disk:
-        need = int(total * 1.02)  # the old merge (if any) stays until the new one is complete
-        free = records.free_bytes(out.parent)
-        if free < need:
-            raise DiskSpaceError(f"merging needs about {records.human(need)} in {out.parent} but only "
-                                 f"{records.human(free)} is free; free space or pass --out on a larger disk")
+    # the old merge (if any) stays until the new one is complete
+    need = int(total * 1.02) + _side_bytes(base, adapter)
+    free = records.free_bytes(out.parent)
+    if check_disk and free < need:
+        raise DiskSpaceError(f"merging needs about {records.human(need)} in {out.parent} but only "
+                             f"{records.human(free)} is free; free space or pass --out on a larger disk")
     weights = mp.adapter.load_weights()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the merged folder from other users (containers)
     start = time.perf_counter()
     merged_names: list[str] = []
+    writing = {"file": "the output folder", "bytes": 0}  # for the disk-full message
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the merged folder from other users (containers)
         names = (["model.safetensors"] if len(shards) == 1 else
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         weight_map = {}
         bar = Stage("merge", total=total, bytes_=True, enabled=progress)  # a bar on a terminal, else one line
         current_source = None
         for fname, shard in zip(names, shards):
+            writing["file"] = fname
             writer = ShardWriter(tmp / fname, shard, metadata={"format": "pt"})
             try:
                 for e in shard:
@@ -319,6 +323,7 @@ def run_merge(mp: MergePlan, *, progress: bool = True, command: str | None = Non
                         merged_names.append(e.name)
                     writer.write(e.name, t)
                     weight_map[e.name] = fname
+                    writing["bytes"] += e.nbytes
                     bar.update(e.nbytes)
                     del t
                 writer.close()
@@ -327,6 +332,7 @@ def run_merge(mp: MergePlan, *, progress: bool = True, command: str | None = Non
                 raise
         bar.close()
         base.close()
+        writing["file"] = "the index, config, tokenizer and merge record"
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
@@ -362,10 +368,30 @@ def run_merge(mp: MergePlan, *, progress: bool = True, command: str | None = Non
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        partial = f"; the partial output {tmp.name} was removed" if tmp is not None else ""
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        now = records.free_bytes(out.parent)
+        raise DiskSpaceError(
+            f"the disk is full ({os.strerror(e.errno)}): merging into {out} needs about {records.human(need)} in "
+            f"{out.parent}; {records.human(free)} was free when it started and it ran out writing {writing['file']} "
+            f"after {records.human(writing['bytes'])} of weights{partial} ({records.human(now)} free now). Free at least "
+            f"{records.human(max(need - now, 0))} there or pass --out on a larger disk, then run gptoss merge again"
+        ) from e
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return MergeResult(out, False, record.to_dict())
+
+
+def _side_bytes(base: BaseCheckpoint, adapter: LoraAdapter) -> int:
+    """About what `_copy_side_files` and `_write_config` add beside the weights (the tokenizer is tens of MB)."""
+    src = adapter.path if (adapter.path / "tokenizer.json").is_file() else base.path
+    files = [src / n for n in TOKENIZER_FILES] + [base.path / "generation_config.json", base.path / "config.json"]
+    return sum(f.stat().st_size for f in files if f.is_file()) + (1 << 20)  # + index, record, template
 
 
 def merge_checkpoint(inputs: MergeInputs, out: Path, *, dtype: str = "bfloat16", max_shard_size: str | int = "5GB",
