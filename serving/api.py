@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gptoss import harmony
-from gptoss.serving.backends import Backend, BackendError, Generated, SamplingParams
+from gptoss.serving.backends import Backend, BackendError, EngineDown, Generated, SamplingParams
 from gptoss.serving.chat import ChatOutput
 
 log = logging.getLogger("gptoss.serve")
@@ -369,6 +369,9 @@ def create_app(backend: Backend, *, model_id: str | None = None, queue: int | No
             await backend.start()
             admission.limit_running = backend.parallel
             admission._sem = asyncio.Semaphore(backend.parallel)
+            await backend.supervise()  # llamacpp: restarts a dead engine; raises when it gives up
+        except asyncio.CancelledError:  # shutdown
+            raise
         except BaseException as e:  # report, then let the CLI stop the process
             state["error"] = f"{type(e).__name__}: {e}"
             log.error("backend failed to start: %s", state["error"])
@@ -419,9 +422,10 @@ def create_app(backend: Backend, *, model_id: str | None = None, queue: int | No
             raise APIError(503, f"the model failed to load: {state['error']}", type="server_error", code="model_failed",
                            retry_after=RETRY_AFTER_LOADING_S)
         if not backend.ready:
-            raise APIError(503, "the model is still loading", type="server_error", code="model_loading", retry_after=RETRY_AFTER_LOADING_S)
+            raise APIError(503, backend.unavailable or "the model is still loading", type="server_error",
+                           code="engine_down" if backend.unavailable else "model_loading", retry_after=RETRY_AFTER_LOADING_S)
         if not backend.alive():
-            raise APIError(503, "the inference engine stopped; restart the server", type="server_error", code="engine_down",
+            raise APIError(503, "the inference engine stopped; it is being restarted", type="server_error", code="engine_down",
                            retry_after=RETRY_AFTER_LOADING_S)
 
     @app.get("/health")
@@ -523,6 +527,8 @@ def create_app(backend: Backend, *, model_id: str | None = None, queue: int | No
                 try:
                     async for _ in run.deltas():
                         pass
+                except EngineDown as e:
+                    return APIError(503, str(e), type="server_error", code="engine_down", retry_after=RETRY_AFTER_LOADING_S).response()
                 except BackendError as e:
                     log.error("generation failed: %s", e)
                     return APIError(500, f"generation failed: {e}", type="server_error", code="engine_error").response()
@@ -551,7 +557,8 @@ def create_app(backend: Backend, *, model_id: str | None = None, queue: int | No
                     yield chunk(delta)
             except BackendError as e:
                 log.error("generation failed mid-stream: %s", e)
-                yield _sse({"error": {"message": f"generation failed: {e}", "type": "server_error", "param": None, "code": "engine_error"}})
+                code = "engine_down" if isinstance(e, EngineDown) else "engine_error"
+                yield _sse({"error": {"message": f"generation failed: {e}", "type": "server_error", "param": None, "code": code}})
                 yield "data: [DONE]\n\n"
                 return
             yield chunk({}, run.finish_reason, **debug_field())

@@ -21,6 +21,10 @@ class BackendError(Exception):
     """The engine failed while generating (not the client's fault)."""
 
 
+class EngineDown(BackendError):
+    """The engine process is gone (and being restarted): the API answers 503 + Retry-After."""
+
+
 @dataclasses.dataclass(frozen=True)
 class BackendConfig:
     """What `gptoss serve` resolved for a backend."""
@@ -35,6 +39,8 @@ class BackendConfig:
     threads: int | None = None  # CPU threads for the engine (None: the engine's default)
     sample_on_device: bool = False  # llamacpp: sample in the compute graph (llama.cpp's backend sampling)
     dtype: str = "auto"
+    engine_restarts: int = 3  # llamacpp: failed (re)starts in a row tolerated before the process gives up
+    engine_backoff: float = 1.0  # llamacpp: seconds before the first restart, doubled after each failure
 
     @property
     def gpu_index(self) -> int | None:
@@ -71,6 +77,7 @@ class Backend:
         self.ready = False
         self.n_ctx = config.ctx
         self.parallel = config.parallel
+        self.unavailable: str | None = None  # why the engine is down while it restarts (for 503s)
 
     @property
     def model_id(self) -> str:
@@ -91,6 +98,11 @@ class Backend:
     def alive(self) -> bool:
         """False once the engine died; /health turns 503."""
         return True
+
+    async def supervise(self) -> None:
+        """After ``start``: keep the engine up; raises ServeError when it cannot be (the process then exits).
+
+        Returns at once for a backend without a child engine (nothing to restart)."""
 
     def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Generated]:
         """Stream generated tokens. Closing the iterator early (client gone) must cancel the work."""

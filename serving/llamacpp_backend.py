@@ -10,24 +10,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 
 from gptoss import harmony
-from gptoss.serving.backends import Backend, BackendConfig, BackendError, Generated, SamplingParams, ServeError, register_backend
+from gptoss.serving.backends import (Backend, BackendConfig, BackendError, EngineDown, Generated, SamplingParams, ServeError,
+                                     register_backend)
 
 log = logging.getLogger("gptoss.serve.llamacpp")
 
 HEALTH_POLL_S = 0.25
 WAIT_REPORT_S = 30.0  # how often a long model load says it is still waiting
+STABLE_S = 60.0  # an engine that served this long before it died starts a new count of failures in a row
+MAX_BACKOFF_S = 60.0
+EXIT_GRACE_S = 2.0  # a dropped engine connection: how long to wait for the process to be seen exiting
+
+
+async def _watch(engine: "_Engine") -> None:
+    await asyncio.to_thread(engine.proc.wait)  # a thread blocked in waitpid: no polling
+    engine.exited.set()
 
 
 def _free_port() -> int:
@@ -57,9 +69,39 @@ def server_command(config: BackendConfig, binary: Path, port: int) -> list[str]:
     return cmd
 
 
+@dataclasses.dataclass
+class _Engine:
+    """One llama-server launch: its process, HTTP client and log; ``exited`` is set when the process ends."""
+
+    proc: subprocess.Popen
+    base_url: str
+    client: Any  # httpx.AsyncClient
+    log_path: str
+    exited: asyncio.Event
+    watcher: asyncio.Task | None = None
+    ready_at: float | None = None  # monotonic time it answered /health
+    keep_log: bool = False  # kept when it failed: an error message names it
+
+    def log_tail(self, n: int = 2000) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")[-n:].strip()
+        except OSError:
+            return ""
+
+
+class _StartFailed(Exception):
+    pass
+
+
 @register_backend("llamacpp")
 class LlamaCppBackend(Backend):
-    """A GGUF served by llama-server; all layers on the assigned GPU (``--device cuda:N``) or the CPU."""
+    """A GGUF served by llama-server; all layers on the assigned GPU (``--device cuda:N``) or the CPU.
+
+    The process is watched: when it exits, in-flight requests fail with EngineDown (503), /health
+    says 503 and it is restarted with exponential backoff (``engine_backoff`` doubled per failure);
+    more than ``engine_restarts`` failures in a row (failed starts, or deaths within STABLE_S of a
+    start) make ``supervise`` raise, and the serving process exits non-zero.
+    """
 
     def __init__(self, config: BackendConfig):
         super().__init__(config)
@@ -72,86 +114,142 @@ class LlamaCppBackend(Backend):
         # Found (or built, once per machine, announced with progress) here, before the API listens:
         # nothing that waits for /health ever waits for a compiler.
         self.binary = llamacpp.tool("llama-server", cuda=config.gpu_index is not None)
-        self.proc: subprocess.Popen | None = None
-        self.port: int | None = None
+        self._engine: _Engine | None = None
         self.base_url = ""
-        self._client = None
-        self._log_file = None
-        self._keep_log = False
+        self.failures = 0  # failures in a row (reset by a death after STABLE_S of serving)
+        self.restarts = 0  # restarts since the process started
+        self._stopping = False
 
     async def start(self) -> None:
-        import time
+        await self._start_until_ready()
 
+    async def supervise(self) -> None:
+        while True:
+            engine = self._engine
+            await engine.exited.wait()
+            if self._stopping:
+                return
+            self.ready = False
+            engine.keep_log = True
+            up = time.monotonic() - (engine.ready_at or time.monotonic())
+            if up >= STABLE_S:
+                self.failures = 0
+            code = engine.proc.returncode
+            self.unavailable = f"the inference engine exited (code {code}); it is being restarted"
+            log.error("llama-server (pid %d) exited with %s after %.0fs of serving; its log %s ends:\n%s", engine.proc.pid,
+                      code, up, engine.log_path, engine.log_tail(1000))
+            await self._back_off(f"llama-server exited with {code} after {up:.0f}s of serving (its log: {engine.log_path})")
+            await self._start_until_ready()
+
+    async def _start_until_ready(self) -> None:
+        while True:
+            try:
+                await self._launch()
+                return
+            except _StartFailed as e:
+                await self._back_off(str(e))
+
+    async def _back_off(self, failure: str) -> None:
+        """Count a failure; wait before the next start, or raise ServeError after too many in a row."""
+        self.failures += 1
+        allowed = self.config.engine_restarts
+        if self.failures > allowed:
+            raise ServeError(f"llama-server failed {self.failures} time(s) in a row, more than --engine-restarts {allowed}; "
+                             f"the server exits so that a restart policy (Docker's `restart: unless-stopped`) or you can "
+                             f"take over. Last failure: {failure}")
+        delay = min(self.config.engine_backoff * 2 ** (self.failures - 1), MAX_BACKOFF_S)
+        self.restarts += 1
+        self.unavailable = (f"the inference engine failed ({self.failures} of {allowed + 1} tolerated failures in a row); "
+                            f"restarting it in {delay:g}s")
+        log.warning("%s\nrestarting llama-server in %gs (restart %d of at most %d in a row)", failure, delay, self.failures, allowed)
+        await asyncio.sleep(delay)  # the backoff itself
+
+    async def _launch(self) -> None:
+        """Start llama-server and wait until it answers /health; _StartFailed if it exits first."""
         import httpx
 
-        binary = self.binary
-        self.port = _free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        port = _free_port()
         env = dict(os.environ)
         if self.config.gpu_index is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(self.config.gpu_index)
-        self._log_file = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
-        cmd = server_command(self.config, binary, self.port)
-        log.info("starting %s (log: %s)", " ".join(cmd), self._log_file.name)
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     preexec_fn=_die_with_parent)
+        log_file = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
+        cmd = server_command(self.config, self.binary, port)
+        log.info("starting %s (log: %s)", " ".join(cmd), log_file.name)
+        with log_file:  # the child writes through its own descriptor
+            proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    preexec_fn=_die_with_parent)
         # No keep-alive: a pooled connection that llama-server closes as we reuse it fails the request
         # ("Server disconnected without sending a response"); a fresh localhost connection costs ~0.1 ms.
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
-        self._client = httpx.AsyncClient(base_url=self.base_url, timeout=httpx.Timeout(None, connect=10.0), limits=limits)
-        log.info("waiting for llama-server to load %s (its log: %s)", self.config.model, self._log_file.name)
+        base_url = f"http://127.0.0.1:{port}"
+        client = httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(None, connect=10.0), limits=limits)
+        engine = self._engine = _Engine(proc=proc, base_url=base_url, client=client, log_path=log_file.name, exited=asyncio.Event())
+        self.base_url = base_url
+        engine.watcher = asyncio.create_task(_watch(engine))
+        log.info("waiting for llama-server to load %s (its log: %s)", self.config.model, engine.log_path)
         started = time.monotonic()
         said = started
         while True:
-            if self.proc.poll() is not None:
-                self._keep_log = True
-                raise ServeError(
-                    f"llama-server exited with {self.proc.returncode} while loading {self.config.model} "
-                    f"({time.monotonic() - started:.0f}s after it started); its log {self._log_file.name} ends:\n"
-                    f"{self._log_tail()}\nCheck that the file is a GGUF written by `gptoss export` and that it fits in "
+            if engine.exited.is_set():
+                engine.keep_log = True
+                raise _StartFailed(
+                    f"llama-server exited with {proc.returncode} while loading {self.config.model} "
+                    f"({time.monotonic() - started:.0f}s after it started); its log {engine.log_path} ends:\n"
+                    f"{engine.log_tail()}\nCheck that the file is a GGUF written by `gptoss export` and that it fits in "
                     f"memory; the engine's command line was: {' '.join(cmd)}")
             with contextlib.suppress(httpx.HTTPError):
-                if (await self._client.get("/health")).status_code == 200:
+                if (await client.get("/health")).status_code == 200:
                     break
             if time.monotonic() - said >= WAIT_REPORT_S:
                 said = time.monotonic()
                 log.info("still waiting for llama-server to load %s (%.0fs; its log: %s)", self.config.model,
-                         said - started, self._log_file.name)
-            await asyncio.sleep(HEALTH_POLL_S)  # polling a child process, not synchronising tests
-        props = (await self._client.get("/props")).json()
+                         said - started, engine.log_path)
+            with contextlib.suppress(asyncio.TimeoutError):  # the next health poll, or at once when it exits
+                await asyncio.wait_for(engine.exited.wait(), HEALTH_POLL_S)
+        try:
+            props = (await client.get("/props")).json()
+        except httpx.HTTPError as e:  # it died between the two calls; the next round sees it exited
+            raise _StartFailed(f"llama-server stopped answering right after it loaded: {e!r}; its log: {engine.log_path}") from e
         self.n_ctx = int(props.get("default_generation_settings", {}).get("n_ctx") or self.config.ctx)
         self.parallel = int(props.get("total_slots") or self.config.parallel)
+        engine.ready_at = time.monotonic()
+        self.unavailable = None
         self.ready = True
-        log.info("llama-server ready on %s: %d slots of %d tokens", self.base_url, self.parallel, self.n_ctx)
-
-    def _log_tail(self, n: int = 2000) -> str:
-        try:
-            return Path(self._log_file.name).read_text(errors="replace")[-n:].strip()
-        except (OSError, AttributeError):
-            return ""
+        log.info("llama-server (pid %d) ready on %s: %d slots of %d tokens", proc.pid, base_url, self.parallel, self.n_ctx)
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self._engine is not None and not self._engine.exited.is_set()
 
     async def stop(self) -> None:
+        self._stopping = True
         self.ready = False
-        if self._client is not None:
-            await self._client.aclose()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+        engine = self._engine
+        if engine is None:
+            return
+        await engine.client.aclose()
+        if not engine.exited.is_set():
+            engine.proc.terminate()
             try:
-                await asyncio.to_thread(self.proc.wait, 10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        if self._log_file is not None:
-            self._log_file.close()
-            if not self._keep_log:  # kept when the engine failed: the error names it
-                with contextlib.suppress(OSError):
-                    os.unlink(self._log_file.name)
+                await asyncio.wait_for(asyncio.shield(engine.exited.wait()), 10)
+            except asyncio.TimeoutError:
+                engine.proc.kill()
+                await engine.exited.wait()
+        if not engine.keep_log:
+            with contextlib.suppress(OSError):
+                os.unlink(engine.log_path)
 
     def info(self) -> dict:
         return {**super().info(), "engine": "llama-server", "engine_url": self.base_url, "sample_on_device": self.config.sample_on_device,
-                "engine_log": self._log_file.name if self._log_file else None}
+                "engine_log": self._engine.log_path if self._engine else None, "engine_restarts": self.restarts}
+
+    async def _failed(self, engine: _Engine, message: str) -> BackendError:
+        """EngineDown when the engine process exited (give it EXIT_GRACE_S to be reaped), else BackendError."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(engine.exited.wait()), EXIT_GRACE_S)
+        if engine.exited.is_set():
+            return EngineDown(f"the inference engine exited (code {engine.proc.returncode}) during this request; "
+                              f"it is being restarted, retry shortly")
+        return BackendError(message)
 
     async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Generated]:
         import httpx
@@ -177,10 +275,13 @@ class LlamaCppBackend(Backend):
         # Always streamed, also for non-streaming API requests: closing a stream is what reliably makes
         # llama-server drop the task (a cancelled non-streaming request was seen to keep its slot busy).
         seen = 0
+        engine = self._engine
+        if not self.ready or engine is None or engine.exited.is_set():
+            raise EngineDown(self.unavailable or "the inference engine is not running; retry shortly")
         try:
-            resp = await self._client.send(self._client.build_request("POST", "/completion", json=body), stream=True)
+            resp = await engine.client.send(engine.client.build_request("POST", "/completion", json=body), stream=True)
         except httpx.HTTPError as e:
-            raise BackendError(f"llama-server connection failed: {e!r}") from e
+            raise await self._failed(engine, f"llama-server connection failed: {e!r}") from e
         try:
             if resp.status_code != 200:
                 text = (await resp.aread()).decode(errors="replace")
@@ -212,12 +313,12 @@ class LlamaCppBackend(Backend):
                 if tokens:
                     yield Generated(tokens=tokens)
         except httpx.HTTPError as e:
-            raise BackendError(f"llama-server connection failed: {e!r}") from e
+            raise await self._failed(engine, f"llama-server connection failed: {e!r}") from e
         finally:
             # Closing an unfinished response drops the connection: llama-server cancels the task, frees the slot.
             with anyio.CancelScope(shield=True):
                 await resp.aclose()
-        raise BackendError("llama-server closed the stream before its final chunk")
+        raise await self._failed(engine, "llama-server closed the stream before its final chunk")
 
 
 async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:

@@ -124,7 +124,8 @@ def gpu_problem(device: str) -> str | None:
 
 
 def resolve_config(*, backend: str, model: str, adapter: str | None, quant: str | None, device: str, ctx: int,
-                   parallel: int, threads: int | None, dtype: str, sample_on_device: bool = False) -> BackendConfig:
+                   parallel: int, threads: int | None, dtype: str, sample_on_device: bool = False,
+                   engine_restarts: int = 3, engine_backoff: float = 1.0) -> BackendConfig:
     """Check every flag and report all problems at once; find the model through the stage records."""
     problems: list[str] = []
     if wrong := choice_problem("--backend", backend, sorted(BACKENDS)):
@@ -138,6 +139,10 @@ def resolve_config(*, backend: str, model: str, adapter: str | None, quant: str 
             problems.append(f"{flag} must be an integer >= {low}, got {value!r}")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         problems.append(f"--threads must be a positive integer, got {threads!r}")
+    if not isinstance(engine_restarts, int) or isinstance(engine_restarts, bool) or engine_restarts < 0:
+        problems.append(f"--engine-restarts must be an integer >= 0, got {engine_restarts!r}")
+    if not isinstance(engine_backoff, (int, float)) or isinstance(engine_backoff, bool) or not 0 <= engine_backoff <= 3600:
+        problems.append(f"--engine-backoff must be seconds between 0 and 3600, got {engine_backoff!r}")
     if isinstance(sample_on_device, str) and sample_on_device.lower() in ("true", "false"):
         sample_on_device = sample_on_device.lower() == "true"  # fire leaves lower-case words as text (compose, .env)
     if not isinstance(sample_on_device, bool):
@@ -165,7 +170,7 @@ def resolve_config(*, backend: str, model: str, adapter: str | None, quant: str 
         raise ServeError("; ".join(problems))
     return BackendConfig(model=resolved.model, adapter=resolved.adapter, revision=resolved.revision, source=resolved.source,
                          device=device, ctx=ctx, parallel=parallel, threads=threads, dtype=dtype,
-                         sample_on_device=sample_on_device)
+                         sample_on_device=sample_on_device, engine_restarts=engine_restarts, engine_backoff=float(engine_backoff))
 
 
 def serve(
@@ -183,6 +188,8 @@ def serve(
     threads: int | None = None,
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto",
     sample_on_device: bool = False,
+    engine_restarts: int = 3,
+    engine_backoff: float = 1.0,
     model_name: str | None = None,
     api_key: str | None = None,
     metrics_public: bool = False,
@@ -207,6 +214,8 @@ def serve(
         threads: CPU threads for the engine (default: the engine's choice).
         dtype: transformers weights dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32.
         sample_on_device: llamacpp: sample inside the compute graph on the GPU (llama.cpp's experimental backend sampling) instead of on the server's CPU thread, slot by slot.
+        engine_restarts: llamacpp: how many times in a row llama-server may fail (exit while loading, or die within a minute of starting) and be restarted before the server exits non-zero, leaving it to a restart policy.
+        engine_backoff: llamacpp: seconds before restarting a dead llama-server, doubled after each failure in a row (at most 60).
         model_name: the model id clients pass (default: the model file or folder name).
         api_key: keys clients must send as `Authorization: Bearer KEY`, comma-separated (default: $GPTOSS_API_KEY, comma-separated; neither: no authentication). /health stays open.
         metrics_public: serve /metrics without a key (for a Prometheus scraper on a trusted network).
@@ -220,7 +229,8 @@ def serve(
     from gptoss.serving.api import create_app
 
     config = resolve_config(backend=backend, model=model, adapter=adapter, quant=quant, device=device, ctx=ctx,
-                            parallel=parallel, threads=threads, dtype=dtype, sample_on_device=sample_on_device)
+                            parallel=parallel, threads=threads, dtype=dtype, sample_on_device=sample_on_device,
+                            engine_restarts=engine_restarts, engine_backoff=engine_backoff)
     if queue is not None and (not isinstance(queue, int) or isinstance(queue, bool) or queue < 0):
         raise ServeError(f"--queue must be a non-negative integer, got {queue!r}")
     if not isinstance(port, int) or not 0 <= port <= 65535:

@@ -84,3 +84,11 @@ def test_servers_are_published_on_loopback_and_take_the_key_from_the_environment
     assert all([p["host_ip"] for p in wide[name]["ports"]] == ["0.0.0.0"] for name in servers)
     assert "SERVE_BIND=127.0.0.1" in (REPO / ".env.example").read_text().splitlines()
     assert "sk-" not in (REPO / "compose.yaml").read_text()
+
+
+def test_servers_restart_when_they_exit():
+    """A server whose engine cannot be kept up exits non-zero (--engine-restarts); Docker starts it again."""
+    services = compose_config()["services"]
+    assert {name: services[name].get("restart") for name in ("serve-cpu", "serve-llamacpp", "serve-unsloth")} == dict.fromkeys(
+        ("serve-cpu", "serve-llamacpp", "serve-unsloth"), "unless-stopped")
+    assert "restart" not in services["train"] and "restart" not in services["export"]  # jobs that finish
