@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -37,9 +38,17 @@ MAX_BACKOFF_S = 60.0
 EXIT_GRACE_S = 2.0  # a dropped engine connection: how long to wait for the process to be seen exiting
 
 
-async def _watch(engine: "_Engine") -> None:
-    await asyncio.to_thread(engine.proc.wait)  # a thread blocked in waitpid: no polling
-    engine.exited.set()
+def _watch(engine: "_Engine") -> None:
+    """Set ``engine.exited`` the moment the process ends: a daemon thread blocked in waitpid (no polling,
+    and not one of the event loop's executor threads for the engine's whole life)."""
+    loop = asyncio.get_running_loop()
+
+    def wait() -> None:
+        engine.proc.wait()
+        with contextlib.suppress(RuntimeError):  # the loop is already closed: nobody is waiting
+            loop.call_soon_threadsafe(engine.exited.set)
+
+    threading.Thread(target=wait, name=f"watch-llama-server-{engine.proc.pid}", daemon=True).start()
 
 
 def _free_port() -> int:
@@ -78,7 +87,6 @@ class _Engine:
     client: Any  # httpx.AsyncClient
     log_path: str
     exited: asyncio.Event
-    watcher: asyncio.Task | None = None
     ready_at: float | None = None  # monotonic time it answered /health
     keep_log: bool = False  # kept when it failed: an error message names it
 
@@ -185,7 +193,7 @@ class LlamaCppBackend(Backend):
         client = httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(None, connect=10.0), limits=limits)
         engine = self._engine = _Engine(proc=proc, base_url=base_url, client=client, log_path=log_file.name, exited=asyncio.Event())
         self.base_url = base_url
-        engine.watcher = asyncio.create_task(_watch(engine))
+        _watch(engine)
         log.info("waiting for llama-server to load %s (its log: %s)", self.config.model, engine.log_path)
         started = time.monotonic()
         said = started

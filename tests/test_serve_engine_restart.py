@@ -130,6 +130,7 @@ def test_killed_engine_fails_in_flight_requests_with_503_and_comes_back(random_g
         _poll(lambda: _gauge(url, "gptoss_time_to_first_token_seconds_count") == 4, "the three to be mid-generation", server=server)
 
         os.kill(old_pid, signal.SIGKILL)
+        killed = time.monotonic()
         down = _poll(lambda: (r := _health(url)) is not None and r.status_code == 503 and r, "/health to say 503", timeout=10)
         assert down.json()["code"] == "engine_down" and down.headers["Retry-After"]
 
@@ -151,6 +152,7 @@ def test_killed_engine_fails_in_flight_requests_with_503_and_comes_back(random_g
 
         # A new engine, /health 200 again, and completions work.
         _poll(lambda: (r := _health(url)) is not None and r.status_code == 200, "/health to say 200 again", server=server)
+        print(f"SIGKILL -> /health 200 again in {time.monotonic() - killed:.1f}s (backoff 1 s + reload)")
         new_pid = _poll(lambda: _engine_pid(server), "the restarted llama-server")
         assert new_pid != old_pid
         after = httpx.post(url + "/v1/chat/completions", json={**long, "max_tokens": 3}, timeout=60)
