@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import datetime
 import json
@@ -27,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gptoss import harmony
 from gptoss.serving.backends import Backend, BackendError, EngineDown, Generated, SamplingParams
-from gptoss.serving.chat import ChatOutput
+from gptoss.serving.chat import ChatOutput, request_messages
 
 log = logging.getLogger("gptoss.serve")
 
@@ -306,7 +307,7 @@ class Guard:
 class CountRequests:
     """Pure ASGI (BaseHTTPMiddleware would get in the way of streaming and disconnects)."""
 
-    PATHS = ("/v1/chat/completions", "/v1/models", "/health")
+    PATHS = ("/v1/chat/completions", "/v1/responses", "/v1/models", "/health")
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -327,6 +328,29 @@ class CountRequests:
             path = scope.get("path", "")
             label = path if path in self.PATHS else ("/v1/models/{model}" if path.startswith("/v1/models/") else "other")
             self.metrics.requests.labels(label, str(status[0])).inc()
+
+
+async def json_object(request: Request) -> dict:
+    """The request body as a JSON object, or an OpenAI-shaped 400."""
+    raw = await request.body()
+    try:
+        payload = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json")
+    if not isinstance(payload, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return payload
+
+
+@dataclasses.dataclass
+class Started:
+    """A generation admitted and ready to run (``create_app``'s ``start_generation``)."""
+
+    run: "_Run"
+    ticket: Ticket
+    n_prompt: int
+    on_cancel: Callable[[], None]  # the client went away
+    debug_field: Callable[[], dict]  # {"gptoss_debug": ...} with --debug, after the run
 
 
 def _sse(obj: Any) -> str:
@@ -468,20 +492,9 @@ def create_app(backend: Backend, *, model_id: str | None = None, queue: int | No
             raise APIError(404, f"model {model!r} does not exist; this server serves {served_id!r}", code="model_not_found", param="model")
         return model_card()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        raw = await request.body()
-        try:
-            payload = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json")
-        if not isinstance(payload, dict):
-            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-        try:
-            req = ChatRequest.model_validate(payload)
-        except ValidationError as e:
-            message, param = _validation_message(e)
-            raise APIError(400, message, param=param, code="invalid_value")
+    async def start_generation(req: ChatRequest) -> Started:
+        """Everything before the first token, for chat completions and /v1/responses (serving.responses):
+        the model and readiness checks, the Harmony prompt, the context check, a slot reserved."""
         if req.model != served_id:
             raise APIError(404, f"model {req.model!r} does not exist; this server serves {served_id!r}",
                            param="model", code="model_not_found")
@@ -489,7 +502,7 @@ def create_app(backend: Backend, *, model_id: str | None = None, queue: int | No
         options = harmony.SystemOptions(reasoning_effort=req.reasoning_effort or "medium", current_date=date_now())
         tools = None if req.tool_choice == "none" else req.tools
         try:
-            prompt = harmony.render_prompt(req.messages, tools=tools, options=options)
+            prompt = harmony.render_prompt(request_messages(req.messages), tools=tools, options=options)
         except harmony.HarmonyInputError as e:
             raise APIError(400, str(e), param="messages", code="invalid_value")
         n_prompt, n_ctx = len(prompt), backend.n_ctx
@@ -508,19 +521,34 @@ def create_app(backend: Backend, *, model_id: str | None = None, queue: int | No
             raise APIError(429, f"the server is busy ({admission.running} generating, {admission.waiting} waiting); retry later",
                            type="rate_limit_error", code="overloaded", retry_after=RETRY_AFTER_BUSY_S)
         metrics.prompt_tokens.inc(n_prompt)
-        completion_id = "chatcmpl-" + uuid.uuid4().hex
-        created = int(time.time())
-        admitted = time.monotonic()
-        run = _Run(backend, prompt, params, req.stop_strings(), metrics, admitted)
+        run = _Run(backend, prompt, params, req.stop_strings(), metrics, time.monotonic())
 
         def on_cancel() -> None:
             metrics.cancelled.inc()
 
-        def usage(n_completion: int) -> dict:
-            return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
-
         def debug_field() -> dict:
             return {"gptoss_debug": {"prompt": run.prompt_text, "backend": backend.name}} if debug else {}
+
+        return Started(run=run, ticket=ticket, n_prompt=n_prompt, on_cancel=on_cancel, debug_field=debug_field)
+
+    app.state.start_generation = start_generation
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        payload = await json_object(request)
+        try:
+            req = ChatRequest.model_validate(payload)
+        except ValidationError as e:
+            message, param = _validation_message(e)
+            raise APIError(400, message, param=param, code="invalid_value")
+        started = await start_generation(req)
+        run, ticket, n_prompt, on_cancel, debug_field = (started.run, started.ticket, started.n_prompt, started.on_cancel,
+                                                         started.debug_field)
+        completion_id = "chatcmpl-" + uuid.uuid4().hex
+        created = int(time.time())
+
+        def usage(n_completion: int) -> dict:
+            return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
 
         if not req.stream:
             async def produce() -> Response:
@@ -534,7 +562,7 @@ def create_app(backend: Backend, *, model_id: str | None = None, queue: int | No
                     return APIError(500, f"generation failed: {e}", type="server_error", code="engine_error").response()
                 out = run.output
                 message = {"role": "assistant", "content": out.content if out.content or not out.tool_calls else None,
-                           "reasoning_content": out.reasoning or None}
+                           "reasoning": out.reasoning or None, "reasoning_content": out.reasoning or None}
                 if out.tool_calls:
                     message["tool_calls"] = out.tool_calls
                 body = {"id": completion_id, "object": "chat.completion", "created": created, "model": served_id,
@@ -569,6 +597,9 @@ def create_app(backend: Backend, *, model_id: str | None = None, queue: int | No
 
         return GenerationStream(events, ticket, on_cancel)
 
+    from gptoss.serving import responses  # POST /v1/responses: the same app, so its middleware and key apply
+
+    app.include_router(responses.router)
     return app
 
 

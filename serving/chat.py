@@ -1,6 +1,7 @@
 """Generated token ids -> OpenAI chat output, through gptoss.harmony's incremental parser.
 
-The final channel becomes ``content``; analysis (and commentary preambles) ``reasoning_content``;
+The final channel becomes ``content``; analysis (and commentary preambles) ``reasoning`` and
+``reasoning_content`` (the same text under both names: OpenAI's and vLLM's, and the older one);
 messages addressed to a tool (``to=functions.NAME``) become ``tool_calls``. Raw Harmony never
 reaches the client. Stop strings from the request apply to ``content``.
 """
@@ -10,6 +11,18 @@ from __future__ import annotations
 import uuid
 
 from gptoss import harmony
+
+
+def request_messages(messages: list[dict]) -> list[dict]:
+    """Request messages as gptoss.harmony reads them: an assistant turn's ``reasoning`` (sent back as it
+    came) is its ``reasoning_content`` unless that is given too."""
+    out = []
+    for m in messages:
+        if isinstance(m, dict) and m.get("role") == "assistant" and m.get("reasoning") is not None \
+                and m.get("reasoning_content") is None and m.get("thinking") is None:
+            m = {**{k: v for k, v in m.items() if k != "reasoning"}, "reasoning_content": m["reasoning"]}
+        out.append(m)
+    return out
 
 
 def new_call_id() -> str:
@@ -31,6 +44,7 @@ class ChatOutput:
         self.tool_calls: list[dict] = []
         self.stopped_by_string = False
         self.n_tokens = 0
+        self.n_reasoning_tokens = 0  # tokens that carried analysis (or preamble) text
 
     def feed(self, token: int) -> list[dict]:
         self.n_tokens += 1
@@ -50,8 +64,10 @@ class ChatOutput:
                 if text:
                     out.append({"content": text})
             elif d.text:  # analysis, commentary preambles
+                if not any("reasoning" in o for o in out):
+                    self.n_reasoning_tokens += 1
                 self.reasoning += d.text
-                out.append({"reasoning_content": d.text})
+                out.append({"reasoning": d.text, "reasoning_content": d.text})
             self._message_start = False
         return out
 

@@ -167,7 +167,7 @@ class LlamaCppBackend(Backend):
                              f"take over. Last failure: {failure}")
         delay = min(self.config.engine_backoff * 2 ** (self.failures - 1), MAX_BACKOFF_S)
         self.restarts += 1
-        self.unavailable = (f"the inference engine failed ({self.failures} of {allowed + 1} tolerated failures in a row); "
+        self.unavailable = (f"the inference engine failed ({self.failures} failure(s) in a row, {allowed} tolerated); "
                             f"restarting it in {delay:g}s")
         log.warning("%s\nrestarting llama-server in %gs (restart %d of at most %d in a row)", failure, delay, self.failures, allowed)
         await asyncio.sleep(delay)  # the backoff itself

@@ -133,6 +133,10 @@ def test_killed_engine_fails_in_flight_requests_with_503_and_comes_back(random_g
         killed = time.monotonic()
         down = _poll(lambda: (r := _health(url)) is not None and r.status_code == 503 and r, "/health to say 503", timeout=10)
         assert down.json()["code"] == "engine_down" and down.headers["Retry-After"]
+        # a new request while it restarts (1 s backoff + the reload): 503 at once, not a wait
+        during = httpx.post(url + "/v1/chat/completions", json={**long, "max_tokens": 3}, timeout=30)
+        assert during.status_code == 503 and during.headers["Retry-After"], during.text
+        assert during.json()["error"]["code"] == "engine_down" and "restart" in during.json()["error"]["message"]
 
         # Every request in flight fails cleanly, none hangs, none is a 500.
         failed = 0
