@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hmac
 import datetime
 import json
@@ -35,6 +36,13 @@ log = logging.getLogger("gptoss.serve")
 RETRY_AFTER_BUSY_S = 1
 RETRY_AFTER_LOADING_S = 5
 MAX_STOP_STRINGS = 4
+# Bounded work per request: the body, the JSON in it, what gets rendered.
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_MESSAGES = 2048
+MAX_TOOLS = 128
+MAX_JSON_DEPTH = 64  # the whole body
+MAX_SCHEMA_DEPTH = 32  # one tool's parameters: openai-harmony parses the whole conversation with a 128-level limit
+RENDER_WORKERS = 2
 # /health is open: it says why it is down in words that name no path or address (those are in /info).
 HEALTH_REASONS = {"model_loading": "the model is still loading", "model_failed": "the model failed to load; see the server's log",
                   "engine_down": "the inference engine is down or restarting"}
@@ -53,8 +61,8 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    tools: list[dict[str, Any]] | None = None
+    messages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_MESSAGES)
+    tools: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: str | dict[str, Any] | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -276,9 +284,29 @@ class Guard:
     """Pure ASGI, at app level so it covers every route, those mounted later too: with ``api_keys``
     every path but ``open_paths`` needs ``Authorization: Bearer <key>`` (compared in constant time)."""
 
-    def __init__(self, app, *, api_keys: tuple[str, ...] = (), open_paths: frozenset[str] = frozenset({"/health"})):
-        self.app, self.open_paths = app, open_paths
+    def __init__(self, app, *, api_keys: tuple[str, ...] = (), open_paths: frozenset[str] = frozenset({"/health"}),
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+        self.app, self.open_paths, self.max_body_bytes = app, open_paths, max_body_bytes
         self.keys = tuple(k.encode() for k in api_keys)
+
+    def too_large(self, size: str) -> APIError:
+        return APIError(413, f"the request body is {size} bytes; this server takes at most {self.max_body_bytes} "
+                             f"(its --max-body-bytes)", code="request_too_large")
+
+    def bounded(self, receive):
+        """``receive`` that stops a body (chunked, or longer than its Content-Length said) at the limit."""
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    raise self.too_large("more than " + str(self.max_body_bytes))  # the route's APIError handler answers
+            return message
+
+        return limited
 
     def authorized(self, scope) -> bool:
         given = b""
@@ -301,7 +329,10 @@ class Guard:
             response = APIError(401, message, code="invalid_api_key").response()
             response.headers["WWW-Authenticate"] = "Bearer"
             return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
+                return await self.too_large(value.decode()).response()(scope, receive, send)  # before reading any of it
+        return await self.app(scope, self.bounded(receive), send)
 
 
 class CountRequests:
@@ -331,15 +362,108 @@ class CountRequests:
 
 
 async def json_object(request: Request) -> dict:
-    """The request body as a JSON object, or an OpenAI-shaped 400."""
+    """The request body as a JSON object, or an OpenAI-shaped 400; parsed in a thread."""
     raw = await request.body()
+    return await anyio.to_thread.run_sync(parse_json_object, raw)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json_object(raw: bytes) -> dict:
+    """A JSON object at most MAX_JSON_DEPTH deep, without NaN/Infinity or lone surrogates (in keys too)."""
     try:
-        payload = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        payload = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, NaN
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json")
     if not isinstance(payload, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    if problem := json_problem(payload, MAX_JSON_DEPTH):
+        param, why = problem
+        raise APIError(400, f"{param}: {why}" if param else why, param=param or None, code="invalid_value")
     return payload
+
+
+def _encodable(s: str) -> bool:
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _json_path(path: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+
+
+def json_problem(value: Any, max_depth: int) -> tuple[str, str] | None:
+    """(where, what) for the first container deeper than ``max_depth`` or string with a lone surrogate; None if fine."""
+    stack = [(value, 1, ())]
+    while stack:
+        obj, depth, path = stack.pop()
+        if isinstance(obj, (dict, list)) and depth > max_depth:
+            return _json_path(path), f"nests deeper than {max_depth} levels"
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if not _encodable(k):
+                    return _json_path(path), "a key has a lone surrogate (\\ud800-\\udfff not in a pair); send valid UTF-16 escapes"
+                if isinstance(v, (dict, list)):
+                    stack.append((v, depth + 1, path + (k,)))
+                elif isinstance(v, str) and not _encodable(v):
+                    return _json_path(path + (k,)), "has a lone surrogate (\\ud800-\\udfff not in a pair); send valid UTF-16 escapes"
+        elif isinstance(obj, list):
+            for i, v in enumerate(obj):
+                if isinstance(v, (dict, list)):
+                    stack.append((v, depth + 1, path + (i,)))
+                elif isinstance(v, str) and not _encodable(v):
+                    return _json_path(path + (i,)), "has a lone surrogate (\\ud800-\\udfff not in a pair); send valid UTF-16 escapes"
+    return None
+
+
+class Renderer:
+    """Harmony prompts rendered in worker processes: openai-harmony's Rust renderer holds the GIL for the
+    whole conversation (1.6 s for a 4 MB one here), so in a thread it would still freeze the event loop."""
+
+    def __init__(self, workers: int = RENDER_WORKERS):
+        self.workers = workers
+        self._pool = None
+
+    def _executor(self):
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=harmony.encoding)
+        return self._pool
+
+    async def render(self, messages: list[dict], tools: list[dict] | None, options: harmony.SystemOptions) -> list[int]:
+        from concurrent.futures.process import BrokenProcessPool
+
+        work = functools.partial(harmony.render_prompt, messages, tools=tools, options=options)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor(), work)
+        except BrokenProcessPool:  # a worker died (killed, out of memory): the next request gets a new pool
+            self._pool = None
+            raise APIError(503, "the prompt renderer restarted; retry", type="server_error", code="renderer_restarted",
+                           retry_after=RETRY_AFTER_BUSY_S)
+
+    async def warm(self) -> None:
+        """Start a worker and load the encoding there, so the first request does not wait for it."""
+        try:
+            await self.render([{"role": "user", "content": "warm up"}], None, harmony.SystemOptions())
+        except Exception as e:  # the first request will say what is wrong
+            log.warning("the prompt renderer did not start: %s", e)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 @dataclasses.dataclass
@@ -369,7 +493,8 @@ def server_date() -> str:
 
 def create_app(backend: Backend, *, model_id: str | None = None, queue: int | None = None, debug: bool = False,
                on_fatal: Callable[[BaseException], None] | None = None, api_keys: tuple[str, ...] = (),
-               metrics_public: bool = False, current_date: Callable[[], str | None] | None = None) -> FastAPI:
+               metrics_public: bool = False, current_date: Callable[[], str | None] | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The API for ``backend``; the backend starts loading when the app starts (``/health`` 503 until ready).
 
     Args:
@@ -379,6 +504,7 @@ def create_app(backend: Backend, *, model_id: str | None = None, queue: int | No
         on_fatal: called when the backend fails to start (the CLI stops the server).
         api_keys: when given, every route but /health (and /metrics with ``metrics_public``) needs one as a Bearer token.
         metrics_public: serve /metrics without a key (a scraper on a trusted network).
+        max_body_bytes: larger request bodies get a 413 (checked on Content-Length and while reading).
         current_date: the ``Current date:`` of each prompt's system message (default: the server's clock,
             ``server_date``); returning None leaves the line out.
     """
@@ -387,6 +513,7 @@ def create_app(backend: Backend, *, model_id: str | None = None, queue: int | No
     date_now = current_date or server_date
     admission = Admission(backend.parallel, 2 * backend.parallel if queue is None else queue)
     metrics = Metrics(admission)
+    renderer = Renderer()
 
     async def load() -> None:
         try:
@@ -407,9 +534,12 @@ def create_app(backend: Backend, *, model_id: str | None = None, queue: int | No
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         task = asyncio.create_task(load())
+        warm = asyncio.create_task(renderer.warm())
         try:
             yield
         finally:
+            warm.cancel()
+            renderer.close()
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
@@ -421,7 +551,7 @@ def create_app(backend: Backend, *, model_id: str | None = None, queue: int | No
     app.state.metrics = metrics
 
     open_paths = frozenset({"/health", "/metrics"} if metrics_public else {"/health"})
-    app.add_middleware(Guard, api_keys=tuple(api_keys), open_paths=open_paths)
+    app.add_middleware(Guard, api_keys=tuple(api_keys), open_paths=open_paths, max_body_bytes=max_body_bytes)
     app.add_middleware(CountRequests, metrics=metrics)  # outermost: counts the 401s too
 
     @app.exception_handler(APIError)
@@ -502,7 +632,7 @@ def create_app(backend: Backend, *, model_id: str | None = None, queue: int | No
         options = harmony.SystemOptions(reasoning_effort=req.reasoning_effort or "medium", current_date=date_now())
         tools = None if req.tool_choice == "none" else req.tools
         try:
-            prompt = harmony.render_prompt(request_messages(req.messages), tools=tools, options=options)
+            prompt = await renderer.render(request_messages(req.messages), tools, options)
         except harmony.HarmonyInputError as e:
             raise APIError(400, str(e), param="messages", code="invalid_value")
         n_prompt, n_ctx = len(prompt), backend.n_ctx

@@ -193,6 +193,7 @@ def serve(
     model_name: str | None = None,
     api_key: str | None = None,
     metrics_public: bool = False,
+    max_body_bytes: int = 4 * 1024 * 1024,
     current_date: str | None = None,
     no_date: bool = False,
     debug: bool = False,
@@ -219,6 +220,7 @@ def serve(
         model_name: the model id clients pass (default: the model file or folder name).
         api_key: keys clients must send as `Authorization: Bearer KEY`, comma-separated (default: $GPTOSS_API_KEY, comma-separated; neither: no authentication). /health stays open.
         metrics_public: serve /metrics without a key (for a Prometheus scraper on a trusted network).
+        max_body_bytes: request bodies larger than this get a 413 (default 4 MiB; a full 128k-token context is about 0.5 MB of text).
         current_date: pin the system message's `Current date: YYYY-MM-DD` (default: the server's date at each request, as OpenAI's template, vLLM and Ollama; or $GPTOSS_CURRENT_DATE: a date, or none).
         no_date: leave `Current date:` out of the prompt (reproducible prompts, e.g. for a model fine-tuned without it).
         debug: add gptoss_debug.prompt (the prompt text the engine received) to responses.
@@ -236,6 +238,8 @@ def serve(
     if not isinstance(port, int) or not 0 <= port <= 65535:
         raise ServeError(f"--port must be 0..65535, got {port!r}")
     keys = api_keys(api_key)
+    if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool) or max_body_bytes < 1024:
+        raise ServeError(f"--max-body-bytes must be an integer >= 1024, got {max_body_bytes!r}")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine request is noise
     engine = get_backend(backend)(config)
@@ -249,7 +253,7 @@ def serve(
 
     dates = date_policy(current_date, no_date)
     app = create_app(engine, model_id=model_name, queue=queue, debug=debug, on_fatal=on_fatal, api_keys=keys,
-                     metrics_public=bool(metrics_public), current_date=dates)
+                     metrics_public=bool(metrics_public), current_date=dates, max_body_bytes=max_body_bytes)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
     server.run()
     if failure:
