@@ -20,12 +20,12 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
 from gptoss import harmony
 from gptoss.serving.backends import Backend, BackendError, EngineDown, Generated, SamplingParams
@@ -36,6 +36,8 @@ log = logging.getLogger("gptoss.serve")
 RETRY_AFTER_BUSY_S = 1
 RETRY_AFTER_LOADING_S = 5
 MAX_STOP_STRINGS = 4
+MAX_SEED = 2**32 - 2  # llama.cpp seeds are uint32 and 0xFFFFFFFF means "random"
+MIN_TEMPERATURE = 1e-3  # below: greedy, as 0 (logits / a tinier one overflow float32 into inf/nan)
 # Bounded work per request: the body, the JSON in it, what gets rendered.
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_MESSAGES = 2048
@@ -57,20 +59,113 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Messages and tools are checked field by field before any work: a wrong type is a 400 naming it, never a 500 deeper in.
+TEXT_PARTS_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "null"},
+                               {"type": "array", "items": {"type": "object", "required": ["type", "text"],
+                                                           "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]}
+Content = Annotated[Any, WithJsonSchema(TEXT_PARTS_SCHEMA)]
+
+
+def _content(v):
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in v):
+        return v
+    raise ValueError('must be a string or a list of {"type": "text", "text": "..."} parts')
+
+
+def _depth(value: Any) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        obj, d = stack.pop()
+        if isinstance(obj, (dict, list)):
+            deepest = max(deepest, d)
+            stack.extend((v, d + 1) for v in (obj.values() if isinstance(obj, dict) else obj))
+    return deepest
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")  # other fields pass through to gptoss.harmony, which reads only its own
+    content: Content = None
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text(cls, v):
+        return _content(v)
+
+
+class SystemMessage(_Message):
+    role: Literal["system", "developer"]
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+
+
+class FunctionCall(BaseModel):
+    name: str = Field(min_length=1)
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    thinking: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)
+
+
+class ToolMessage(_Message):
+    role: Literal["tool"]
+    tool_call_id: str | None = None
+
+
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _schema_depth(cls, v):
+        if v is not None and _depth(v) > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+        return v
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    messages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_MESSAGES)
-    tools: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: str | dict[str, Any] | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
@@ -92,6 +187,17 @@ class ChatRequest(BaseModel):
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def message_dicts(self) -> list[dict[str, Any]]:
+        """The messages as gptoss.harmony reads them: what the client set (extra fields too)."""
+        return [m.model_dump(exclude_unset=True) for m in self.messages]
+
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        return [t.model_dump(exclude_unset=True) | {"function": t.function.model_dump(exclude_unset=True)}
+                for t in self.tools] if self.tools is not None else None
+
+    def sampling_temperature(self) -> float:
+        return 0.0 if self.temperature < MIN_TEMPERATURE else self.temperature
+
 
 # ---------------------------------------------------------------------------------------------
 # Errors, OpenAI-shaped
@@ -111,8 +217,14 @@ class APIError(Exception):
 
 def _validation_message(e: ValidationError) -> tuple[str, str | None]:
     first = e.errors()[0]
-    param = ".".join(str(p) for p in first.get("loc", ())) or None
-    return f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param
+    loc = list(first.get("loc", ()))
+    # a tagged union puts the tag in the path (messages.0.assistant.content): drop it; a bad tag is the role's fault
+    loc = [p for i, p in enumerate(loc) if not (p in ROLES and i and isinstance(loc[i - 1], int))]
+    if first.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+        loc.append("role")
+    param = _json_path(tuple(loc))[:200] or None
+    message = str(first.get("msg")).removeprefix("Value error, ")
+    return f"{param}: {message}" if param else message, param
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,7 +676,9 @@ def create_app(backend: Backend, *, model_id: str | None = None, queue: int | No
 
     @app.exception_handler(405)
     async def _not_allowed(request: Request, e):
-        return APIError(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed").response()
+        response = APIError(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed").response()
+        response.headers.update(getattr(e, "headers", None) or {})  # Starlette's Allow: the methods that are
+        return response
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
@@ -630,9 +744,9 @@ def create_app(backend: Backend, *, model_id: str | None = None, queue: int | No
                            param="model", code="model_not_found")
         ready_or_503()
         options = harmony.SystemOptions(reasoning_effort=req.reasoning_effort or "medium", current_date=date_now())
-        tools = None if req.tool_choice == "none" else req.tools
+        tools = None if req.tool_choice == "none" else req.tool_dicts()
         try:
-            prompt = await renderer.render(request_messages(req.messages), tools, options)
+            prompt = await renderer.render(request_messages(req.message_dicts()), tools, options)
         except harmony.HarmonyInputError as e:
             raise APIError(400, str(e), param="messages", code="invalid_value")
         n_prompt, n_ctx = len(prompt), backend.n_ctx
@@ -642,7 +756,7 @@ def create_app(backend: Backend, *, model_id: str | None = None, queue: int | No
                            param="messages", code="context_length_exceeded")
         room = n_ctx - n_prompt
         max_tokens = min(req.max_completion_tokens or req.max_tokens or room, room)
-        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+        params = SamplingParams(max_tokens=max_tokens, temperature=req.sampling_temperature(), top_p=req.top_p, seed=req.seed,
                                 stop_token_ids=tuple(harmony.stop_token_ids()))
         try:
             ticket = admission.reserve()
@@ -662,8 +776,27 @@ def create_app(backend: Backend, *, model_id: str | None = None, queue: int | No
         return Started(run=run, ticket=ticket, n_prompt=n_prompt, on_cancel=on_cancel, debug_field=debug_field)
 
     app.state.start_generation = start_generation
+    # Routes read their bodies themselves (size limit, parsing in a thread); these models are what
+    # /openapi.json says the bodies are. A route added later appends its model and points at it.
+    app.state.body_models = [ChatRequest]
 
-    @app.post("/v1/chat/completions")
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in app.state.body_models:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+    @app.post("/v1/chat/completions", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/ChatRequest"}}}}})
     async def chat_completions(request: Request):
         payload = await json_object(request)
         try:
