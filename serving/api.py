@@ -338,23 +338,30 @@ class GenerationResponse(Response):
             await result[0](scope, receive, send)
 
 
-async def _until_done_or_disconnect(work: Callable[[], Awaitable[None]], ticket: Ticket, receive, on_cancel: Callable[[], None]) -> None:
-    """Run ``work`` until it ends or the client goes away (then ``on_cancel`` and cancel it); the slot is released either way."""
+async def _until_done_or_disconnect(work: Callable[[], Awaitable[None]], ticket: Ticket, receive, on_cancel: Callable[[], None]) -> bool:
+    """Run ``work`` until it ends (True) or the client goes away (``on_cancel``, cancel it, False); the slot is
+    released either way. ``work`` must not end the response: the disconnect that follows a complete response
+    is not the client going away."""
+    finished = False
     try:
         async with anyio.create_task_group() as tg:
             async def run() -> None:
+                nonlocal finished
                 await work()
+                finished = True
                 tg.cancel_scope.cancel()
 
             async def watch() -> None:
                 await _until_disconnect(receive)
-                on_cancel()
+                if not finished:
+                    on_cancel()
                 tg.cancel_scope.cancel()
 
             tg.start_soon(run)
             tg.start_soon(watch)
     finally:
         ticket.release()
+    return finished
 
 
 class GenerationStream(Response):
@@ -386,10 +393,10 @@ class GenerationStream(Response):
             finally:
                 with anyio.CancelScope(shield=True):
                     await gen.aclose()
+
+        if await _until_done_or_disconnect(run, self.ticket, receive, self.on_cancel):
             with contextlib.suppress(Exception):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-        await _until_done_or_disconnect(run, self.ticket, receive, self.on_cancel)
 
 
 class Guard:
@@ -460,13 +467,19 @@ class CountRequests:
             return await self.app(scope, receive, send)
         status = [499]  # nginx's "client closed request" when no response started
 
+        started = [False]
+
         async def send_and_note(message):
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], started[0] = message["status"], True
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_note)
+        except Exception:  # the server error handler outside answers 500
+            if not started[0]:
+                status[0] = 500
+            raise
         finally:
             path = scope.get("path", "")
             label = path if path in self.PATHS else ("/v1/models/{model}" if path.startswith("/v1/models/") else "other")

@@ -107,6 +107,51 @@ def date_policy(current_date, no_date, environ=None) -> Callable[[], str | None]
     return lambda: value
 
 
+def timed_protocol(header_timeout: float):
+    """uvicorn's h11 protocol, closing a connection whose request headers are not all in ``header_timeout``
+    seconds after it opened or after its last response: uvicorn arms its keep-alive timer only after a
+    response, and any byte cancels it, so a connection that sends nothing, or headers a byte at a time, stays."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11(H11Protocol):
+        _header_timer = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(header_timeout, self._expire)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _expire(self) -> None:
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self.logger.debug("closing a connection that sent no complete request headers in %s s", header_timeout)
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the headers are in
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return TimedH11
+
+
 def gpu_problem(device: str) -> str | None:
     """Why ``cuda:N`` cannot be used here (no NVIDIA GPU visible, or fewer than N+1), else None."""
     import shutil
@@ -194,6 +239,8 @@ def serve(
     api_key: str | None = None,
     metrics_public: bool = False,
     max_body_bytes: int = 4 * 1024 * 1024,
+    timeout_keep_alive: int = 5,
+    timeout_headers: float = 10.0,
     current_date: str | None = None,
     no_date: bool = False,
     debug: bool = False,
@@ -221,6 +268,8 @@ def serve(
         api_key: keys clients must send as `Authorization: Bearer KEY`, comma-separated (default: $GPTOSS_API_KEY, comma-separated; neither: no authentication). /health stays open.
         metrics_public: serve /metrics without a key (for a Prometheus scraper on a trusted network).
         max_body_bytes: request bodies larger than this get a 413 (default 4 MiB; a full 128k-token context is about 0.5 MB of text).
+        timeout_keep_alive: seconds an idle keep-alive connection stays open after a response (uvicorn's).
+        timeout_headers: seconds a connection gets to send a request's headers, from its start or its last response; then it is closed.
         current_date: pin the system message's `Current date: YYYY-MM-DD` (default: the server's date at each request, as OpenAI's template, vLLM and Ollama; or $GPTOSS_CURRENT_DATE: a date, or none).
         no_date: leave `Current date:` out of the prompt (reproducible prompts, e.g. for a model fine-tuned without it).
         debug: add gptoss_debug.prompt (the prompt text the engine received) to responses.
@@ -240,6 +289,10 @@ def serve(
     keys = api_keys(api_key)
     if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool) or max_body_bytes < 1024:
         raise ServeError(f"--max-body-bytes must be an integer >= 1024, got {max_body_bytes!r}")
+    if not isinstance(timeout_keep_alive, int) or isinstance(timeout_keep_alive, bool) or timeout_keep_alive < 1:
+        raise ServeError(f"--timeout-keep-alive must be whole seconds >= 1, got {timeout_keep_alive!r}")
+    if not isinstance(timeout_headers, (int, float)) or isinstance(timeout_headers, bool) or not 0 < timeout_headers <= 3600:
+        raise ServeError(f"--timeout-headers must be seconds in (0, 3600], got {timeout_headers!r}")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine request is noise
     engine = get_backend(backend)(config)
@@ -254,7 +307,8 @@ def serve(
     dates = date_policy(current_date, no_date)
     app = create_app(engine, model_id=model_name, queue=queue, debug=debug, on_fatal=on_fatal, api_keys=keys,
                      metrics_public=bool(metrics_public), current_date=dates, max_body_bytes=max_body_bytes)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                                           timeout_keep_alive=timeout_keep_alive, http=timed_protocol(float(timeout_headers))))
     server.run()
     if failure:
         e = failure[0]
