@@ -1,10 +1,11 @@
-"""Serving benchmarks against a live `gptoss serve` (started here, or --url).
+"""Load test of a live `gptoss serve` (started here, or --url); speed is `gptoss bench`'s job.
 
-  throughput: aggregate decode tok/s at 1/4/8/16 concurrent streams (each generates --max-tokens)
   load:       N requests at concurrency C with a share of malformed ones; counts statuses, checks /health
+  throughput: runs `gptoss bench` (time to first token, per-stream and aggregate tok/s by concurrency,
+              prompt sweep, load time apart); kept so the old command lines still work
 
 Examples (CPU, the tiny fixture converted to GGUF):
-  python bench/serve_load.py throughput --backend llamacpp --model tiny-f16.gguf --streams 1,8 --parallel 8
+  gptoss bench --model tiny-f16.gguf --concurrency 1,8 --parallel 8      # was: serve_load.py throughput
   python bench/serve_load.py load --backend llamacpp --model tiny-f16.gguf --requests 300 --concurrency 16
 Prints one JSON object (with the command, machine and date) for docs/BENCHMARKS.md.
 """
@@ -16,12 +17,7 @@ import asyncio
 import contextlib
 import datetime
 import json
-import os
-import platform
 import random
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,116 +25,40 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
+from gptoss.evaluation import bench  # noqa: E402
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+machine = bench.machine
 
 
 @contextlib.contextmanager
 def server(args):
-    """Start `gptoss serve` unless --url was given; yields (base_url, model_id)."""
+    """Start `gptoss serve` (gptoss.evaluation.bench.served) unless --url was given; yields (base_url, None)."""
     if args.url:
-        yield args.url.rstrip("/"), None
+        yield args.url.rstrip("/").removesuffix("/v1"), None
         return
-    port = free_port()
-    cmd = [sys.executable, "-m", "gptoss", "serve", "--backend", args.backend, "--model", args.model, "--port", str(port),
-           "--parallel", str(args.parallel), "--ctx", str(args.ctx), "--log-level", "warning"]
-    if args.device:
-        cmd += ["--device", args.device]
-    if args.queue is not None:
-        cmd += ["--queue", str(args.queue)]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    if getattr(args, "sample_on_device", False):
-        cmd += ["--sample-on-device"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    log_path = getattr(args, "log_path", None)
-    log = open(log_path, "ab") if log_path else None  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT if log else None)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + args.start_timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"gptoss serve exited with {proc.returncode}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
-        else:
-            raise SystemExit("gptoss serve did not become healthy in time")
-        yield url, None
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if log:
-            log.close()
+    extra = ["--queue", str(args.queue)] if getattr(args, "queue", None) is not None else []
+    extra += ["--sample-on-device"] if getattr(args, "sample_on_device", False) else []
+    with bench.served(backend=args.backend, model=args.model, device=args.device or "cpu", parallel=args.parallel,
+                      ctx=args.ctx, threads=args.threads, extra=extra, start_timeout=args.start_timeout,
+                      log_path=Path(args.log_path) if getattr(args, "log_path", None) else None) as (url, _load_s):
+        yield url.removesuffix("/v1"), None
 
 
 async def model_id(client: httpx.AsyncClient) -> str:
     return (await client.get("/v1/models")).json()["data"][0]["id"]
 
 
-async def one_stream(client, model, max_tokens, seed) -> dict:
-    """One streamed request; returns completion tokens, time to first token and decode time."""
-    body = {"model": model, "messages": [{"role": "user", "content": f"Write a long story number {seed}."}],
-            "max_tokens": max_tokens, "temperature": 1.0, "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    first = last = None
-    usage = None
-    async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
-        resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            now = time.perf_counter()
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            elif chunk["choices"] and chunk["choices"][0]["delta"] and "role" not in chunk["choices"][0]["delta"]:
-                first = first or now
-                last = now
-    n = usage["completion_tokens"] if usage else 0
-    return {"tokens": n, "ttft_s": (first or t0) - t0, "total_s": time.perf_counter() - t0,
-            "decode_tok_s": (n - 1) / (last - first) if first and last and last > first and n > 1 else None}
-
-
 async def throughput(args, url) -> dict:
-    """Aggregate tok/s per stream count; with --repeat R the counts are interleaved R times (noisy hosts)
-    and each figure is the median over the repeats."""
-    import statistics
-
-    runs: dict[str, list[dict]] = {}
-    async with httpx.AsyncClient(base_url=url, timeout=None, limits=httpx.Limits(max_connections=256)) as client:
-        model = await model_id(client)
-        # Warm-up at full width and length: the first generations after start are much slower (seen on CPU).
-        await asyncio.gather(*(one_stream(client, model, args.max_tokens, 99_000 + i) for i in range(max(args.streams))))
-        for _ in range(getattr(args, "repeat", 1)):
-            for n in args.streams:
-                t0 = time.perf_counter()
-                results = await asyncio.gather(*(one_stream(client, model, args.max_tokens, 1000 * n + i) for i in range(n)))
-                wall = time.perf_counter() - t0
-                tokens = sum(r["tokens"] for r in results)
-                per_stream = [r["decode_tok_s"] for r in results if r["decode_tok_s"]]
-                runs.setdefault(str(n), []).append({
-                    "tokens": tokens, "wall_s": round(wall, 3), "aggregate_tok_s": round(tokens / wall, 2),
-                    # null when the model emits no parseable text (random weights): no deltas to time
-                    "mean_stream_decode_tok_s": round(sum(per_stream) / len(per_stream), 2) if per_stream else None,
-                    "mean_ttft_s": round(sum(r["ttft_s"] for r in results) / n, 3)})
-    out = {}
-    for n, rs in runs.items():
-        out[n] = {"streams": int(n), "aggregate_tok_s": round(statistics.median(r["aggregate_tok_s"] for r in rs), 2),
-                  "runs": rs}
-    if "1" in out:
-        for v in out.values():
-            v["vs_1_stream"] = round(v["aggregate_tok_s"] / out["1"]["aggregate_tok_s"], 2)
-    return out
+    """`gptoss bench`'s concurrency levels, keyed by stream count as the GPU scripts read them."""
+    model = bench.check_reachable(url, None)
+    result = await bench.measure(bench.api_base(url), model, concurrency=list(args.streams), prompt_lengths=[],
+                                 max_tokens=args.max_tokens, sweep_max_tokens=1, repeat=getattr(args, "repeat", 1),
+                                 api_key=None, progress=False)
+    return {str(x["concurrency"]): {"streams": x["concurrency"], "aggregate_tok_s": x["aggregate_tok_s"],
+                                    "vs_1_stream": x.get("vs_concurrency_1"), "runs": [x]}
+            for x in result["concurrency"]}
 
 
 MALFORMED = [
@@ -206,14 +126,6 @@ async def load(args, url) -> dict:
             "metrics_has_requests": "gptoss_requests_total" in metrics}
 
 
-def machine() -> dict:
-    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
-    with contextlib.suppress(Exception):
-        info["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                                     text=True, timeout=10).stdout.strip() or None
-    return info
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["throughput", "load"])
@@ -237,8 +149,19 @@ def main() -> None:
     args = p.parse_args()
     if not args.url and not args.model:
         p.error("--model (or --url) is required")
+    if args.mode == "throughput":  # now `gptoss bench`
+        from gptoss.cli import main as gptoss
+
+        cmd = ["bench", "--concurrency", ",".join(map(str, args.streams)), "--max-tokens", str(args.max_tokens),
+               "--repeat", str(args.repeat)]
+        cmd += ["--url", args.url] if args.url else ["--model", args.model, "--backend", args.backend,
+                                                     "--parallel", str(args.parallel), "--ctx", str(args.ctx)]
+        cmd += ["--device", args.device] if args.device and not args.url else []
+        cmd += ["--threads", str(args.threads)] if args.threads else []
+        print("bench/serve_load.py throughput is `gptoss " + " ".join(cmd) + "`", file=sys.stderr)
+        sys.exit(gptoss(cmd))
     with server(args) as (url, _):
-        result = asyncio.run(throughput(args, url) if args.mode == "throughput" else load(args, url))
+        result = asyncio.run(load(args, url))
     print(json.dumps({"command": "python " + " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                       "machine": machine(), args.mode: result}, indent=2))
 

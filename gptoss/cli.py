@@ -41,6 +41,8 @@ COMMANDS = {
     "build": "gptoss.llamacpp:build",
     "chat": "gptoss.chat:chat",
     "ui": "gptoss.chat:ui",
+    "eval": "gptoss.evaluation.eval:evaluate",
+    "bench": "gptoss.evaluation.bench:bench",
 }
 
 # One example per command, shown in its help and in the error for a missing argument (each passes
@@ -56,6 +58,8 @@ EXAMPLES = {
     "pipeline": "gptoss pipeline --demo --work demo",
     "chat": 'gptoss chat "What is the capital of France?" --reasoning low',
     "ui": "gptoss ui --url http://127.0.0.1:8000/v1",
+    "eval": "gptoss eval --run models/my-run",
+    "bench": "gptoss bench --url http://127.0.0.1:8000/v1 --concurrency 1,2,4,8,16",
 }
 
 SUMMARY = "Fine-tune, merge, export, serve and publish gpt-oss-20b."
