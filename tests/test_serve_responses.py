@@ -223,3 +223,15 @@ def test_chat_completions_send_reasoning_beside_reasoning_content(server, client
                                            tools=[sup.WEATHER_TOOL], temperature=0, max_tokens=2)
         seen.append(r.gptoss_debug["prompt"])
     assert seen[0] == seen[1] and sup.WEATHER_REASONING in seen[1]
+
+
+def test_instructions_and_effort_reach_the_engine(server):  # noqa: F811
+    body = {"model": MODEL, "input": [{"role": "user", "content": [{"type": "input_text", "text": "Say hello."}]}],
+            "instructions": "Be brief.", "reasoning": {"effort": "low", "summary": "auto"}, "max_output_tokens": 2}
+    raw = httpx.post(server.url + "/v1/responses", json=body, timeout=120).json()
+    expected = harmony.render_prompt_text([{"role": "system", "content": "Be brief."}, *sup.GREETING],
+                                          options=harmony.SystemOptions(reasoning_effort="low"))
+    assert raw["gptoss_debug"]["prompt"] == expected  # what the engine received (no date: LiveServer's default)
+    assert raw["reasoning"]["effort"] == "low" and raw["instructions"] == "Be brief."
+    bad = httpx.post(server.url + "/v1/responses", json={**body, "reasoning": {"effort": "minimal"}}, timeout=120)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "reasoning.effort"
