@@ -13,8 +13,8 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import hmac
 import datetime
+import hmac
 import json
 import logging
 import time
@@ -48,7 +48,6 @@ RENDER_WORKERS = 2
 # /health is open: it says why it is down in words that name no path or address (those are in /info).
 HEALTH_REASONS = {"model_loading": "the model is still loading", "model_failed": "the model failed to load; see the server's log",
                   "engine_down": "the inference engine is down or restarting"}
-
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,41 +72,6 @@ def date_policy(current_date, no_date, environ=None) -> Callable[[], str | None]
     return lambda: value
 
 
-
-CURRENT_DATE_ENV = "GPTOSS_CURRENT_DATE"
-ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-
-
-def date_policy(current_date, no_date, environ=None) -> Callable[[], str | None] | None:
-    """The ``Current date:`` of every prompt: None (the API's default, the server's clock per request),
-    a pinned date (--current-date), or no line (--no-date). Neither flag: $GPTOSS_CURRENT_DATE (a date, or "none")."""
-    import datetime
-    import os
-
-    environ = os.environ if environ is None else environ
-    if isinstance(no_date, str) and no_date.lower() in ("true", "false"):
-        no_date = no_date.lower() == "true"  # fire leaves lower-case words as text (compose, .env)
-    if not isinstance(no_date, bool):
-        raise ServeError(f"--no-date is a switch (true/false), got {no_date!r}")
-    if no_date and current_date is not None:
-        raise ServeError("--current-date and --no-date contradict each other; give one")
-    if no_date:
-        return lambda: None
-    source, value = ("--current-date", current_date) if current_date is not None else (f"${CURRENT_DATE_ENV}", environ.get(CURRENT_DATE_ENV))
-    if value is None or value == "":
-        return None
-    if source != "--current-date" and str(value).lower() == "none":
-        return lambda: None
-    try:
-        if not isinstance(value, str) or not ISO_DATE.match(value):
-            raise ValueError
-        datetime.date.fromisoformat(value)
-    except ValueError:
-        raise ServeError(f"{source} must be a date YYYY-MM-DD (e.g. 2025-08-05), got {value!r}"
-                         + ('; "none" leaves the date out' if source != "--current-date" else "; --no-date leaves it out")) from None
-    return lambda: value
-
-
 def timed_protocol(header_timeout: float):
     """uvicorn's h11 protocol, closing a connection whose request headers are not all in ``header_timeout``
     seconds after it opened or after its last response: uvicorn arms its keep-alive timer only after a
@@ -293,6 +258,7 @@ def serve(
         raise ServeError(f"--timeout-keep-alive must be whole seconds >= 1, got {timeout_keep_alive!r}")
     if not isinstance(timeout_headers, (int, float)) or isinstance(timeout_headers, bool) or not 0 < timeout_headers <= 3600:
         raise ServeError(f"--timeout-headers must be seconds in (0, 3600], got {timeout_headers!r}")
+    dates = date_policy(current_date, no_date)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine request is noise
     engine = get_backend(backend)(config)
@@ -304,7 +270,6 @@ def serve(
         if server is not None:
             server.should_exit = True
 
-    dates = date_policy(current_date, no_date)
     app = create_app(engine, model_id=model_name, queue=queue, debug=debug, on_fatal=on_fatal, api_keys=keys,
                      metrics_public=bool(metrics_public), current_date=dates, max_body_bytes=max_body_bytes)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
