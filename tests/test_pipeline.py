@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gptoss import harmony, pipeline
+from gptoss import harmony
+from gptoss.pipeline import run as pipeline  # the stage's functions (its package exports three names)
 from gptoss.records import Manifest, RecordError
 
 REPO = Path(__file__).resolve().parent.parent
