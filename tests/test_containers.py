@@ -255,7 +255,7 @@ def test_cuda_images_build_as_far_as_this_machine_allows(base_image):
         tags[target] = f"gptoss-test/{target}:latest"
         docker_build(REPO, tags[target], *flags, dockerfile=REPO / "docker" / "Dockerfile", target=target)
     venv = _docker("run", "--rm", "--entrypoint", "/opt/venv/bin/python3", tags["cuda-serve-venv"], "-c",
-                   "import importlib.util, serving, gptoss.cli; print(importlib.util.find_spec('torch') is None)")
+                   "import importlib.util, gptoss.serving, gptoss.cli; print(importlib.util.find_spec('torch') is None)")
     assert venv.stdout.strip() == "True"  # the llama.cpp serving image carries no torch
     user = _docker("run", "--rm", "--user", "gptoss", "--entrypoint", "id", tags["cuda-runtime"])
     assert "uid=1000(gptoss)" in user.stdout
@@ -274,7 +274,7 @@ def test_train_image_builds_with_the_cuda_torch(base_image):
                  "--build-arg", "TORCH_CUDA_INDEX=", dockerfile=REPO / "docker" / "Dockerfile", target="train")
     try:
         stack = _docker("run", "--rm", "--entrypoint", "python3", tag, "-c",
-                        "import torch, peft, trl, transformers, bitsandbytes, xformers, training; "
+                        "import torch, peft, trl, transformers, bitsandbytes, xformers, gptoss.training; "
                         "print(torch.__version__, torch.version.cuda, torch.cuda.is_available())")
         assert stack.stdout.split()[-3:] == ["2.8.0+cu128", "12.8", "False"], stack.stdout + stack.stderr
         assert _docker("run", "--rm", "--entrypoint", "id", tag, "-un").stdout.strip() == "gptoss"

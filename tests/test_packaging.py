@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -12,6 +13,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("training", "exporters", "serving", "modelfiles", "publishing", "pipeline", "hfcache", "chat", "evaluation")
+
+_NAMES = "|".join(STAGES)
+CODE_IMPORT = re.compile(rf"(?:^|[;\n]|-c )\s*(?:import\s+(?:[\w.]+\s*,\s*)*(?:{_NAMES})\b(?!\.\w+\s*\()|from\s+(?:{_NAMES})[.\s])")
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +86,9 @@ def test_no_module_imports_a_stage_by_its_bare_folder_name():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
             bare += [f"{path.relative_to(REPO)}:{node.lineno}: {n}" for n in names if n.split(".")[0] in STAGES]
-        # code run in child processes (python -c / -m strings)
-        for n in STAGES:
-            for marker in (f'"from {n}.', f'"from {n} import', f'"import {n}', f'"-m", "{n}.'):
-                if marker in text:
-                    bare.append(f"{path.relative_to(REPO)}: {marker}")
+        # code run in child processes and containers: `python -c "import a, serving"`, `-m serving.x`
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                for m in CODE_IMPORT.finditer(node.value):
+                    bare.append(f"{path.relative_to(REPO)}:{node.lineno}: {m.group(0).strip()!r}")
     assert bare == []

@@ -180,7 +180,7 @@ def test_llamacpp_path_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, serving, serving.api; assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)"
+    code = "import sys, gptoss.serving, gptoss.serving.api; assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

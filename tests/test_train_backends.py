@@ -14,7 +14,7 @@ from gptoss.training import backends as B
 
 
 def test_cli_and_backends_import_without_torch_or_unsloth():
-    code = ("import sys, gptoss.cli, training.backends as b; "
+    code = ("import sys, gptoss.cli, gptoss.training.backends as b; "
             "assert set(b.BACKENDS) == {'transformers', 'unsloth'}; "
             "print(sorted(m for m in ('torch', 'transformers', 'peft', 'unsloth') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
