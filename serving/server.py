@@ -211,7 +211,7 @@ def serve(
     debug: bool = False,
     log_level: str = "info",
 ) -> None:
-    """Serve a model behind an OpenAI-compatible API (POST /v1/chat/completions, /v1/models, /health, /metrics).
+    """Serve a model behind an OpenAI-compatible API (/v1/chat/completions, /v1/responses, /v1/models, /health).
 
     Args:
         backend: "llamacpp" (a GGUF on llama.cpp's llama-server) or "transformers" (a merged checkpoint, or base + --adapter).
