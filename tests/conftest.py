@@ -154,3 +154,15 @@ def docker_build(context: Path, tag: str, *flags: str, dockerfile: Path | None =
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise AssertionError(f"docker build of {tag} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+@pytest.fixture(scope="session")
+def harmony_models(tiny_model, request, tmp_path_factory) -> dict[str, Path]:
+    """Adapter / merged / GGUF taught Harmony answers (tests/serve_support.py), for the serve, chat and bench
+    tests; cached in pytest's cache by recipe hash, so built once."""
+    import serve_support as sup
+
+    key = sup.source_key() + "-" + hashlib.sha256((Path(tiny_model) / "fixture.json").read_bytes()).hexdigest()[:8]
+    cache = getattr(request.config, "cache", None)
+    root = Path(cache.mkdir("gptoss-serve-models")) if cache is not None else tmp_path_factory.mktemp("serve-models")
+    return sup.build_harmony_models(tiny_model, root / key)

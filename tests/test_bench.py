@@ -7,7 +7,6 @@ llama-bench's figures are there, and an unreachable URL fails clearly.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -19,15 +18,6 @@ import pytest
 import serve_support as sup
 from conftest import REPO
 from gptoss.evaluation.bench import free_port
-
-
-@pytest.fixture(scope="session")
-def harmony_models(tiny_model, request, tmp_path_factory) -> dict[str, Path]:
-    """The models of tests/test_serve.py and tests/test_chat.py, from the same pytest cache entry (built once)."""
-    key = sup.source_key() + "-" + hashlib.sha256((Path(tiny_model) / "fixture.json").read_bytes()).hexdigest()[:8]
-    cache = getattr(request.config, "cache", None)
-    root = Path(cache.mkdir("gptoss-serve-models")) if cache is not None else tmp_path_factory.mktemp("serve-models")
-    return sup.build_harmony_models(tiny_model, root / key)
 
 
 def _gptoss(*args, cwd: Path = REPO) -> subprocess.CompletedProcess:

@@ -9,7 +9,6 @@ real headless Chromium driven by Playwright. Nothing is faked.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -32,15 +31,6 @@ from chat_support import REPO, Terminal, chat_env
 MODEL = "tiny-harmony"
 GREETING = sup.GREETING[0]["content"]
 GREETED = {"role": "assistant", "content": sup.GREETING_ANSWER, "reasoning_content": sup.GREETING_REASONING}
-
-
-@pytest.fixture(scope="session")
-def harmony_models(tiny_model, request, tmp_path_factory) -> dict[str, Path]:
-    """The same models as tests/test_serve.py's fixture, from the same pytest cache entry (built once)."""
-    key = sup.source_key() + "-" + hashlib.sha256((Path(tiny_model) / "fixture.json").read_bytes()).hexdigest()[:8]
-    cache = getattr(request.config, "cache", None)
-    root = Path(cache.mkdir("gptoss-serve-models")) if cache is not None else tmp_path_factory.mktemp("serve-models")
-    return sup.build_harmony_models(tiny_model, root / key)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ training makes greedy output deterministic enough to assert on structure.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import socket
@@ -38,15 +37,6 @@ def _wait_for(predicate, timeout: float = 60.0, what: str = "condition", server=
 
 # ------------------------------------------------------------------------------------------------
 # Models and servers (built once per session; `tiny_model` comes from tests/conftest.py)
-
-
-@pytest.fixture(scope="session")
-def harmony_models(tiny_model, request, tmp_path_factory) -> dict[str, Path]:
-    """Adapter / merged / GGUF taught Harmony answers; cached in pytest's cache by recipe hash."""
-    key = sup.source_key() + "-" + hashlib.sha256((Path(tiny_model) / "fixture.json").read_bytes()).hexdigest()[:8]
-    cache = getattr(request.config, "cache", None)
-    root = Path(cache.mkdir("gptoss-serve-models")) if cache is not None else tmp_path_factory.mktemp("serve-models")
-    return sup.build_harmony_models(tiny_model, root / key)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from gptoss.serving.backends import Backend, BackendConfig
 from gptoss.serving.chat import ChatOutput
 
 import serve_support as sup
-from test_serve import MODEL, client, harmony_models, llamacpp_server, server, transformers_server  # noqa: F401  (fixtures)
+from test_serve import MODEL, client, llamacpp_server, server, transformers_server  # noqa: F401  (fixtures)
 
 TOOL = {"type": "function", **sup.WEATHER_TOOL["function"]}  # the Responses API's flat function tool
 EVENTS = TypeAdapter(ResponseStreamEvent)

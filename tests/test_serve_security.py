@@ -12,7 +12,6 @@ import openai
 import pytest
 
 import serve_support as sup
-from test_serve import harmony_models  # noqa: F401  (the session fixture: the models built once, cached)
 
 MODEL = "tiny-harmony"
 KEYS = ("sk-test-first-key", "sk-test-second-key")
