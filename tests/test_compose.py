@@ -1,5 +1,12 @@
 """compose.yaml: valid, one profile per service, GPUs pinned from .env, secrets only from the environment."""
 
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 
 from conftest import REPO, compose_config
@@ -12,7 +19,7 @@ pytestmark = pytest.mark.docker
 def test_compose_config_is_valid_and_complete():
     cfg = compose_config()
     services = cfg["services"]
-    assert set(services) == {"train", "export", "publish", "serve-llamacpp", "serve-unsloth", "serve-cpu", "ui"}
+    assert set(services) == {"train", "export", "publish", "serve-llamacpp", "serve-unsloth", "serve-cpu", "serve-lb", "ui"}
     assert services["train"]["profiles"] == ["train"]
     assert services["train"]["ipc"] == "host" and services["train"]["ulimits"]["memlock"] == -1
     for name in ("serve-llamacpp", "serve-cpu"):
@@ -92,3 +99,72 @@ def test_servers_restart_when_they_exit():
     assert {name: services[name].get("restart") for name in ("serve-cpu", "serve-llamacpp", "serve-unsloth")} == dict.fromkeys(
         ("serve-cpu", "serve-llamacpp", "serve-unsloth"), "unless-stopped")
     assert "restart" not in services["train"] and "restart" not in services["export"]  # jobs that finish
+
+
+def _replicas_config(tmp_path, gpus: str, env: dict | None = None) -> dict:
+    """compose.yaml plus the override docker/replicas.py writes for SERVE_GPUS=``gpus``, as compose resolves it."""
+    override = tmp_path / "compose.replicas.yaml"
+    run = subprocess.run([sys.executable, str(REPO / "docker" / "replicas.py"), str(override)], capture_output=True, text=True,
+                         env={"PATH": os.environ["PATH"], "SERVE_GPUS": gpus})
+    assert run.returncode == 0, run.stderr
+    compose_config()  # skips or fails as every compose test does when compose is missing
+    proc = subprocess.run(["docker", "compose", "-f", str(REPO / "compose.yaml"), "-f", str(override), "--profile", "*",
+                           "config", "--format", "json"], cwd=REPO, capture_output=True, text=True,
+                          env={"PATH": "/usr/local/bin:/usr/bin:/bin", **(env or {})})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["services"]
+
+
+def test_serve_replicas_runs_one_llamacpp_replica_per_listed_gpu_behind_haproxy(tmp_path):
+    """SERVE_GPUS=0,1 -> serve-replica-0 on GPU 0 and serve-replica-1 on GPU 1, each serve-llamacpp's command,
+    health check and restart policy, unpublished; serve-lb (HAProxy) is the one port, on loopback."""
+    services = _replicas_config(tmp_path, "0,1", {"GPTOSS_API_KEY": "sk-from-env"})
+    llamacpp = services["serve-llamacpp"]
+    replicas = sorted(n for n in services if n.startswith("serve-replica-"))
+    assert replicas == ["serve-replica-0", "serve-replica-1"]
+    for gpu, name in enumerate(replicas):
+        r = services[name]
+        assert r["profiles"] == ["serve-replicas"] and not r.get("ports"), name
+        assert r["deploy"]["resources"]["reservations"]["devices"] == [
+            {"driver": "nvidia", "device_ids": [str(gpu)], "capabilities": ["gpu"]}], name
+        assert r["command"] == llamacpp["command"] and _flag(r["command"], "--device") == "cuda:0"  # its only GPU
+        assert r["healthcheck"] == llamacpp["healthcheck"] and r["restart"] == "unless-stopped"
+        assert r["depends_on"]["export"]["condition"] == "service_completed_successfully"
+        assert r["environment"]["GPTOSS_API_KEY"] == "sk-from-env" and r["image"] == llamacpp["image"]
+    lb = services["serve-lb"]
+    assert lb["profiles"] == ["serve-replicas"] and lb["build"]["target"] == "serve-lb"
+    assert set(lb["depends_on"]) == set(replicas) and "healthcheck" in lb and lb["restart"] == "unless-stopped"
+    assert [(p["host_ip"], p["target"]) for p in lb["ports"]] == [("127.0.0.1", 8000)]
+    assert "serve-replicas" in services["export"]["profiles"]
+    wide = _replicas_config(tmp_path, "3", {"SERVE_BIND": "0.0.0.0", "SERVE_LB_PORT": "9000"})
+    assert [(p["host_ip"], p["published"]) for p in wide["serve-lb"]["ports"]] == [("0.0.0.0", "9000")]
+    assert [n for n in wide if n.startswith("serve-replica-")] == ["serve-replica-0"]
+    assert wide["serve-replica-0"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["3"]
+    # HAProxy balances by least connections, checks /health, and has a server line for every replica name
+    cfg = (REPO / "docker" / "haproxy.cfg").read_text()
+    assert re.search(r"^\s+balance leastconn$", cfg, re.M) and re.search(r"^\s+option httpchk GET /health$", cfg, re.M)
+    spec = importlib.util.spec_from_file_location("replicas", REPO / "docker" / "replicas.py")
+    replicas_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replicas_mod)
+    servers = re.findall(r"^\s+server (serve-replica-\d+) \1:8000$", cfg, re.M)
+    assert servers == [replicas_mod.replica_name(k) for k in range(replicas_mod.MAX_REPLICAS)]
+    assert "serve-lb" in (REPO / "docker" / "Dockerfile").read_text() and "!docker/haproxy.cfg" in (REPO / ".dockerignore").read_text()
+
+
+def test_serve_gpus_comes_from_the_environment_then_dotenv_and_bad_lists_are_refused(tmp_path):
+    spec = importlib.util.spec_from_file_location("replicas", REPO / "docker" / "replicas.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("SERVE_BIND=127.0.0.1\nSERVE_GPUS=2,3  # two cards\n")
+    assert mod.gpus_from({}, dotenv) == ("2,3", str(dotenv))
+    assert mod.gpus_from({"SERVE_GPUS": "1"}, dotenv) == ("1", "the environment")
+    assert mod.gpus_from({}, tmp_path / "none") == ("0,1", "the default")
+    assert mod.parse_gpus(" 0, GPU-5f2c3a1b-0000-1111-2222-333344445555 ", "x") == ["0", "GPU-5f2c3a1b-0000-1111-2222-333344445555"]
+    assert "SERVE_GPUS=0,1" in (REPO / ".env.example").read_text().splitlines()
+    for bad, says in (("0,0", "twice"), ("0;1", "not a GPU index"), ("", "no GPU"), (",".join(map(str, range(9))), "server lines")):
+        run = subprocess.run([sys.executable, str(REPO / "docker" / "replicas.py"), str(tmp_path / "out.yaml")],
+                             capture_output=True, text=True, env={"PATH": os.environ["PATH"], "SERVE_GPUS": bad})
+        assert run.returncode == 2 and not (tmp_path / "out.yaml").exists(), bad
+        (line,) = run.stderr.splitlines()
+        assert line.startswith("docker/replicas.py: error: SERVE_GPUS=") and says in line and "the environment" in line, line
