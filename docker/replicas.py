@@ -1,4 +1,5 @@
-"""Write compose.replicas.yaml: one llama.cpp serving replica per GPU in SERVE_GPUS, behind serve-lb.
+"""Write compose.replicas.yaml: one llama.cpp serving replica per GPU in SERVE_GPUS, behind serve-lb,
+and serve-vllm on all of them (tensor-parallel).
 
     python3 docker/replicas.py        # SERVE_GPUS from the environment, else from .env, else 0,1
     docker compose -f compose.yaml -f compose.replicas.yaml --profile serve-replicas up -d
@@ -6,7 +7,8 @@
 Compose cannot loop over a list, so this turns the list into services: serve-replica-<k> for the k-th
 GPU, each the serve-llamacpp service (`extends`) pinned to that one GPU, with no published port
 (serve-lb, HAProxy on ${SERVE_LB_PORT:-8003}, is the endpoint; docker/haproxy.cfg names
-serve-replica-0 .. serve-replica-7). Run it again after changing SERVE_GPUS. Needs Compose >= 2.24.4
+serve-replica-0 .. serve-replica-7). serve-vllm gets every listed GPU (`--profile serve-vllm` with the
+same two files). Run it again after changing SERVE_GPUS. Needs Compose >= 2.24.4
 (the !reset / !override tags). Standard library only: it runs before any environment is installed.
 """
 
@@ -78,6 +80,9 @@ def render(gpus: list[str], compose_file: str = "compose.yaml") -> str:
         ]
     lines += ["  serve-lb:", "    depends_on:"]
     lines += [f"      {replica_name(k)}: {{ condition: service_started }}" for k in range(len(gpus))]
+    # serve-vllm (its own profile) takes every listed GPU: its tensor-parallel size is the number it sees
+    lines += ["  serve-vllm:", "    deploy:", "      resources:", "        reservations:", "          devices: !override",
+              f"            - {{ driver: nvidia, device_ids: [{', '.join(q(g) for g in gpus)}], capabilities: [gpu] }}"]
     return "\n".join(lines) + "\n"
 
 

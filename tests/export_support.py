@@ -102,3 +102,17 @@ def hf_logits(model_dir, ids, *, adapter=None, merge=False):
     model.eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]
+
+
+def tiny_q4_export(request, tmp_path_factory) -> Path:
+    """exports/ as `gptoss export --exports-dir` writes it (latest -> tiny-run: merged/, gguf/ F16 + Q4_K_M,
+    manifest.json) for the seeded-adapter run, no fidelity runs: what the serving containers read."""
+    run = tiny_run(request, tmp_path_factory)
+
+    def build(p: Path) -> None:
+        from gptoss.exporters.export import export_run
+
+        export_run(str(run), quants="q4_k_m", exports_dir=str(p / "exports"), fidelity=False, compare_hf="off",
+                   progress=False, threads=min(2, os.cpu_count() or 1))
+
+    return cached(tmp_path_factory, "q4-exports", build) / "exports"

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.docker
 def test_compose_config_is_valid_and_complete():
     cfg = compose_config()
     services = cfg["services"]
-    assert set(services) == {"train", "export", "publish", "serve-llamacpp", "serve-unsloth", "serve-cpu", "serve-lb", "ui"}
+    assert set(services) == {"train", "export", "publish", "serve-llamacpp", "serve-unsloth", "serve-cpu", "serve-lb", "serve-vllm", "ui"}
     assert services["train"]["profiles"] == ["train"]
     assert services["train"]["ipc"] == "host" and services["train"]["ulimits"]["memlock"] == -1
     for name in ("serve-llamacpp", "serve-cpu"):
