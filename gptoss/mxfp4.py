@@ -7,11 +7,15 @@ exponent biased by 127. Dequantized weights are returned in the HF parameter lay
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 BLOCK = 32  # values per shared scale
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 SCALE_BIAS = 127
+# Root mean square of FP4_VALUES: what a uniformly random code is worth before its scale.
+CODE_RMS = math.sqrt(sum(v * v for v in FP4_VALUES) / len(FP4_VALUES))
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, *, dtype: torch.dtype = torch.bfloat16,
@@ -55,4 +59,22 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     codes = (idx | ((scaled < 0).to(torch.long) << 3)).to(torch.uint8)
     blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
     scales = (exp.to(torch.int32) + SCALE_BIAS).to(torch.uint8)
+    return blocks, scales
+
+
+def random_codes(weight_shape: tuple[int, ...], *, exponent: int,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniformly random FP4 codes for an ``(E, in, out)`` weight, every block scaled by ``2**exponent``.
+
+    Returns (blocks, scales) shaped as ``quantize`` returns them, without a float weight in between
+    (fixtures too big to write in bf16 first). RMS of the weights: ``CODE_RMS * 2**exponent``.
+    """
+    *prefix, n_in, n_out = weight_shape
+    if n_in % BLOCK:
+        raise ValueError(f"MXFP4 needs the input width to be a multiple of {BLOCK}, got {n_in}")
+    if not -SCALE_BIAS <= exponent <= SCALE_BIAS:
+        raise ValueError(f"an E8M0 exponent is between {-SCALE_BIAS} and {SCALE_BIAS}, got {exponent}")
+    groups = n_in // BLOCK
+    blocks = torch.empty(*prefix, n_out, groups, BLOCK // 2, dtype=torch.uint8).random_(generator=generator)
+    scales = torch.full((*prefix, n_out, groups), exponent + SCALE_BIAS, dtype=torch.uint8)
     return blocks, scales

@@ -153,3 +153,179 @@ def test_non_empty_out_is_refused_without_force(tmp_path):
     proc = run_cli("fixture", "tiny", "--out", str(out))
     assert proc.returncode == 2 and "--force" in proc.stderr
     assert (out / "keep.txt").read_text() == "user data"
+
+
+# ---------------------------------------------------------------------------------------------
+# --format mxfp4: OpenAI's release layout straight from random codes, no bf16 original first
+
+
+def _tensor_specs(folder: Path) -> dict[str, tuple[list[int], str]]:
+    from safetensors import safe_open
+
+    specs = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                s = f.get_slice(key)
+                specs[key] = (s.get_shape(), s.get_dtype())
+    return specs
+
+
+def _tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(shard)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def direct_mxfp4(tmp_path_factory) -> Path:
+    """`gptoss fixture tiny --format mxfp4`, as users run it."""
+    out = tmp_path_factory.mktemp("direct") / "tiny-mxfp4"
+    proc = run_cli("fixture", "tiny", "--format", "mxfp4", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == str(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def layout_mxfp4(tiny_model, tmp_path_factory) -> Path:
+    """What `--layouts mxfp4` writes: write_layout from the bf16 fixture (the reference layout)."""
+    return fixtures.write_layout(tiny_model, tmp_path_factory.mktemp("layout") / "tiny-mxfp4", "mxfp4")
+
+
+def test_direct_mxfp4_has_the_layout_writers_tensors_and_config(direct_mxfp4, layout_mxfp4):
+    from gptoss import layouts
+
+    assert _tensor_specs(direct_mxfp4) == _tensor_specs(layout_mxfp4)
+    assert any(k.endswith("_blocks") for k in _tensor_specs(direct_mxfp4))
+    assert json.loads((direct_mxfp4 / "config.json").read_text()) == json.loads((layout_mxfp4 / "config.json").read_text())
+    names = sorted(p.name for p in direct_mxfp4.iterdir())
+    assert names == sorted(p.name for p in layout_mxfp4.iterdir())
+    for name in names:
+        if not name.endswith(".safetensors") and name not in ("config.json", fixtures.FIXTURE_RECORD):
+            assert (direct_mxfp4 / name).read_bytes() == (layout_mxfp4 / name).read_bytes(), name
+    record = json.loads((direct_mxfp4 / fixtures.FIXTURE_RECORD).read_text())
+    reference = json.loads((layout_mxfp4 / fixtures.FIXTURE_RECORD).read_text())
+    assert "original" not in record and reference.pop("original")  # no bf16 original to name
+    assert record == reference
+    assert layouts.describe(direct_mxfp4) == layouts.describe(layout_mxfp4) == {"layout": "fused", "quantization": "mxfp4"}
+    assert layouts.sixteen_bit_original(str(direct_mxfp4)) is None
+
+
+def test_direct_mxfp4_weights_have_the_bf16_fixtures_magnitudes(direct_mxfp4, tiny_model):
+    import torch
+
+    from gptoss import mxfp4
+
+    ours, bf16 = _tensors(direct_mxfp4), _tensors(tiny_model)
+    experts = 0
+    for key, ref in bf16.items():
+        ref = ref.float()
+        if key + "_blocks" in ours:
+            w = mxfp4.dequantize(ours[key + "_blocks"], ours[key + "_scales"], dtype=torch.float32)
+            assert w.shape == ref.shape, key
+            ratio = w.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()
+            assert 0.9 < ratio < 1.3, (key, float(ratio))  # 2**-7 * 2.93 = 0.023 against normal(0, 0.02)
+            experts += 1
+            continue
+        t = ours[key].float()
+        if (ref == ref.flatten()[0]).all():  # zero biases, unit norms
+            assert (t == ref).all(), key
+        elif ref.numel() >= 1000:
+            assert 0.9 < t.std() / ref.std() < 1.1, key
+    assert experts == 4
+    pad = harmony.token_id(harmony.ENDOFTEXT)
+    assert not ours["model.embed_tokens.weight"][pad].any()
+
+
+def test_direct_mxfp4_loads_in_transformers_and_generates(direct_mxfp4):
+    """transformers' mxfp4 loader (dequantized to bf16 on a CPU) reads the codes as we meant them."""
+    import torch
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    from gptoss import mxfp4
+
+    model = AutoModelForCausalLM.from_pretrained(direct_mxfp4, quantization_config=Mxfp4Config(dequantize=True),
+                                                 dtype=torch.float32)
+    stored = _tensors(direct_mxfp4)
+    for param in ("gate_up_proj", "down_proj"):
+        key = f"model.layers.1.mlp.experts.{param}"
+        expected = mxfp4.dequantize(stored[key + "_blocks"], stored[key + "_scales"], dtype=torch.float32)
+        assert torch.equal(getattr(model.model.layers[1].mlp.experts, param).float(), expected), param
+    prompt = harmony.render_prompt([{"role": "user", "content": "Hello"}])
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits
+    assert logits.shape == (1, len(prompt), vocab.VOCAB_SIZE) and torch.isfinite(logits).all()
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, pad_token_id=199999)
+    assert all(0 <= t < vocab.VOCAB_SIZE for t in out[0, len(prompt):].tolist())
+
+
+def test_direct_mxfp4_in_shards_is_the_same_checkpoint_and_converts(direct_mxfp4, tmp_path):
+    """Small shards (as geometry-20b's 24 layers get): same tensors, same bytes; the pinned llama.cpp
+    converter keeps the experts MXFP4 (its codes decode to ours) and makes the other matrices Q8_0."""
+    import numpy as np
+    import torch
+
+    from gptoss import mxfp4
+    from gptoss.exporters import gguf as gg
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    fixtures._write_mxfp4_checkpoint(sharded, "tiny", fixtures.FIXTURES["tiny"], fixtures.tiny_config(), 0,
+                                     max_shard_size="60MB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    ours, single = _tensors(sharded), _tensors(direct_mxfp4)
+    assert sorted(ours) == sorted(index["weight_map"]) == sorted(single)
+    assert all(ours[k].dtype == single[k].dtype and torch.equal(ours[k], single[k]) for k in ours)
+
+    gguf_path = tmp_path / "tiny-mxfp4-Q8_0.gguf"
+    gg.convert(sharded, gguf_path, outtype="q8_0", progress=False)
+    types = {t.name: t.type for t in gg.inspect(gguf_path).tensors.values()}
+    experts = [n for n in types if n.endswith("_exps.weight")]
+    assert len(experts) == 2 * 3 and {types[n] for n in experts} == {"MXFP4"}
+    matrices = ["token_embd.weight", "output.weight"] + [
+        n for n in types if n.endswith((".attn_q.weight", ".attn_k.weight", ".attn_v.weight", ".attn_output.weight"))]
+    assert len(matrices) == 2 + 2 * 4 and {types[n] for n in matrices} == {"Q8_0"}
+    gguf = gg.gguf_module()
+    tensor = next(t for t in gguf.GGUFReader(str(gguf_path)).tensors if t.name == "blk.1.ffn_down_exps.weight")
+    decoded = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # (E, out, in)
+    key = "model.layers.1.mlp.experts.down_proj"
+    expected = mxfp4.dequantize(ours[key + "_blocks"], ours[key + "_scales"], dtype=torch.float32)  # (E, in, out)
+    np.testing.assert_array_equal(decoded, expected.transpose(-1, -2).numpy())
+
+
+def test_save_sharded_writes_each_shard_as_it_fills(tmp_path):
+    """At most one shard waits in memory: earlier shards are on disk before the last tensor is made."""
+    import torch
+
+    on_disk = []
+
+    def tensors():
+        for i in range(6):
+            on_disk.append(len(list(tmp_path.glob("*.partial"))))
+            yield f"t{i}", torch.full((10**6,), i, dtype=torch.uint8)
+
+    fixtures._save_sharded(tensors(), tmp_path, 2 * 10**6 + 10)
+    assert on_disk == [0, 0, 0, 1, 1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)] + \
+        ["model.safetensors.index.json"]
+    stored = _tensors(tmp_path)
+    assert sorted(stored) == [f"t{i}" for i in range(6)] and all((stored[f"t{i}"] == i).all() for i in range(6))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--format", "nf4"], "--format 'nf4': not one of bf16, mxfp4"),
+    (["--format", "mxfp4", "--layouts", "unsloth-bnb-4bit"],
+     "--layouts unsloth-bnb-4bit needs the bf16 original, which --format mxfp4 does not write"),
+])
+def test_bad_format_fails_clearly_and_leaves_nothing(tmp_path, args, message):
+    proc = run_cli("fixture", "tiny", "--out", str(tmp_path / "x"), *args)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert _leftovers(tmp_path) == []
+    with pytest.raises(fixtures.FixtureError, match="not one of bf16, mxfp4"):
+        fixtures.fixture("tiny", out=str(tmp_path / "y"), format="nf4")
