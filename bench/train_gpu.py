@@ -10,10 +10,15 @@ whose rows are --seq tokens long, then runs ``gptoss train`` once per backend in
   after training), first and last loss, or the error tail if the run failed;
 - per depth: Unsloth / transformers ratios of step time and peak VRAM (goal: both <= 0.6);
 - with two or more depths: peak VRAM per layer and an extrapolation to gpt-oss-20b's 24 layers,
-  with the arithmetic spelled out.
+  with the arithmetic spelled out;
+- with ``--gpus 1,2``: each backend once per GPU count (``gptoss train --gpus N``, data-parallel under
+  torchrun, the same per-GPU batch, so the effective batch grows with N), the peak VRAM of every GPU,
+  and the N-GPU / 1-GPU ratios of tokens/s (goal >= 1.8 for 2) and step time.
 
     PYTHONPATH=$PWD:$PWD/.gpu_site GPTOSS_O200K_GZ=$PWD/.gpu_site/o200k_base.tiktoken.gz HF_HUB_OFFLINE=1 \
         python3 bench/train_gpu.py --layers 2,4 --steps 12 --out $OUT
+    # 1 vs 2 GPUs (a machine with two):
+    ... python3 bench/train_gpu.py --layers 4 --steps 12 --gpus 1,2 --backends unsloth,transformers --out $OUT
 """
 
 from __future__ import annotations
@@ -66,8 +71,8 @@ def write_dataset(path: Path, *, rows: int, seq: int, seed: int = 0) -> None:
             f.write(json.dumps({"messages": messages}) + "\n")
 
 
-def run_backend(backend: str, model: Path, data: Path, out: Path, args) -> dict:
-    run_name = f"bench-{backend}"
+def run_backend(backend: str, model: Path, data: Path, out: Path, args, gpus: int = 1) -> dict:
+    run_name = f"bench-{backend}" + (f"-{gpus}gpu" if gpus > 1 else "")
     for old in (out / run_name, out / f"{run_name}.partial"):
         shutil.rmtree(old, ignore_errors=True)
     cmd = [
@@ -76,18 +81,24 @@ def run_backend(backend: str, model: Path, data: Path, out: Path, args) -> dict:
         "--batch-size", str(args.batch_size), "--grad-accum", "1", "--max-seq-length", str(args.seq),
         "--too-long", "truncate", "--learning-rate", "2e-4", "--lr-scheduler", "constant", "--warmup-steps", "0",
         "--save-steps", str(args.steps), "--keep-checkpoints", "1", "--tensorboard", "false",
-        "--output-dir", str(out), "--run-name", run_name, "--logging-steps", "1",
+        "--output-dir", str(out), "--run-name", run_name, "--logging-steps", "1", "--gpus", str(gpus),
     ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=REPO, env=os.environ.copy())
-    result: dict = {"backend": backend, "command": " ".join(cmd), "wall_seconds": round(time.perf_counter() - t0, 1)}
+    result: dict = {"backend": backend, "gpus": gpus, "command": " ".join(cmd),
+                    "wall_seconds": round(time.perf_counter() - t0, 1)}
     (out / f"{run_name}.log").write_text(proc.stdout + proc.stderr)
     info_path = out / run_name / "training_info.json"
     if proc.returncode != 0 or not info_path.is_file():
         result.update(ok=False, returncode=proc.returncode, error_tail=(proc.stderr or proc.stdout)[-4000:])
         return result
-    info = json.loads(info_path.read_text())
+    sys.path.insert(0, str(REPO))
+    from gptoss.records import TrainingInfo
+
+    record = TrainingInfo.load(info_path)
+    info = record.to_dict()
     mem = info["peak_memory"]
+    dp = record.data_parallel
     start, end = info["lora"]["trainable_at_start"], info["lora"]["trainable_at_end"]
     expert_params = sum(v["parameters"] for k, v in start.items() if k.startswith("experts."))
     result.update(
@@ -98,6 +109,9 @@ def run_backend(backend: str, model: Path, data: Path, out: Path, args) -> dict:
         peak_vram_allocated_gib=round(mem["cuda_allocated_bytes"] / GIB, 3) if mem.get("cuda_allocated_bytes") else None,
         peak_vram_reserved_gib=round(mem["cuda_reserved_bytes"] / GIB, 3) if mem.get("cuda_reserved_bytes") else None,
         gpu=mem.get("cuda_device"),
+        effective_batch_size=dp.effective_batch_size if dp else None,
+        peak_vram_allocated_gib_per_gpu=[round(m.cuda_allocated_bytes / GIB, 3) for m in dp.peak_memory_per_rank
+                                         if m.cuda_allocated_bytes] if dp else None,
         expert_lora={
             "trainable_after_wrapping": {k: v["parameters"] for k, v in start.items()},
             "expert_parameters": expert_params,
@@ -160,6 +174,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=480, help="seconds per training run")
     parser.add_argument("--fixture", default="geometry-20b", help="fixture kind (tiny: a CPU smoke test of this script)")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--gpus", default="1", help="comma-separated GPU counts to run each backend with, e.g. 1,2")
     args = parser.parse_args()
 
     out = Path(args.out).absolute()
@@ -177,35 +192,52 @@ def main() -> int:
         if not (model / "config.json").is_file():
             subprocess.run([sys.executable, "-m", "gptoss", "fixture", args.fixture, "--layers", str(layers),
                             "--out", str(model), "--force"], check=True, cwd=REPO, stdout=sys.stderr)
-        for backend in args.backends.split(","):
-            runs = work / f"runs-L{layers}"
-            runs.mkdir(exist_ok=True)
-            r = run_backend(backend, model, data, runs, args)
-            shutil.copy(runs / f"bench-{backend}.log", out / f"train-L{layers}-{backend}.log")
-            info = runs / f"bench-{backend}" / "training_info.json"
-            if info.is_file():
-                shutil.copy(info, out / f"training_info-L{layers}-{backend}.json")
-            r["layers"] = layers
-            results.append(r)
-            print(json.dumps({k: r.get(k) for k in ("layers", "backend", "ok", "step_seconds_median", "peak_vram_allocated_gib")}), file=sys.stderr)
+        for gpus in [int(x) for x in args.gpus.split(",")]:
+            for backend in args.backends.split(","):
+                runs = work / f"runs-L{layers}"
+                runs.mkdir(exist_ok=True)
+                r = run_backend(backend, model, data, runs, args, gpus)
+                name = f"bench-{backend}" + (f"-{gpus}gpu" if gpus > 1 else "")
+                tag = f"L{layers}-{backend}" + (f"-{gpus}gpu" if gpus > 1 else "")
+                shutil.copy(runs / f"{name}.log", out / f"train-{tag}.log")
+                info = runs / name / "training_info.json"
+                if info.is_file():
+                    shutil.copy(info, out / f"training_info-{tag}.json")
+                r["layers"] = layers
+                results.append(r)
+                print(json.dumps({k: r.get(k) for k in ("layers", "backend", "gpus", "ok", "step_seconds_median",
+                                                        "tokens_per_second_median", "peak_vram_allocated_gib")}),
+                      file=sys.stderr)
 
     # Results accumulate across invocations (one depth per call keeps each call short).
     store = work / "results.json"
     previous = json.loads(store.read_text()) if store.is_file() else []
-    fresh = {(r["layers"], r["backend"]) for r in results}
-    results = [r for r in previous if (r["layers"], r["backend"]) not in fresh] + results
-    results.sort(key=lambda r: (r["layers"], r["backend"]))
+    key = lambda r: (r["layers"], r["backend"], r.get("gpus", 1))  # noqa: E731
+    fresh = {key(r) for r in results}
+    results = [r for r in previous if key(r) not in fresh] + results
+    results.sort(key=key)
     store.write_text(json.dumps(results, indent=1))
 
     ratios = {}
     for layers in sorted({r["layers"] for r in results}):
-        by = {r["backend"]: r for r in results if r["layers"] == layers and r.get("ok")}
+        by = {r["backend"]: r for r in results if r["layers"] == layers and r.get("ok") and r.get("gpus", 1) == 1}
         if "unsloth" in by and "transformers" in by and by["transformers"]["peak_vram_allocated_gib"]:
             u, t = by["unsloth"], by["transformers"]
             ratios[layers] = {
                 "step_time": round(u["step_seconds_median"] / t["step_seconds_median"], 3),
                 "peak_vram": round(u["peak_vram_allocated_gib"] / t["peak_vram_allocated_gib"], 3),
                 "goal": "<= 0.6 each",
+            }
+    scaling = {}
+    for r in results:
+        one = next((o for o in results if o.get("ok") and o.get("gpus", 1) == 1 and o["layers"] == r["layers"]
+                    and o["backend"] == r["backend"]), None)
+        if r.get("ok") and r.get("gpus", 1) > 1 and one and one["tokens_per_second_median"]:
+            scaling[f"L{r['layers']}-{r['backend']}-{r['gpus']}gpu"] = {
+                "tokens_per_second": round(r["tokens_per_second_median"] / one["tokens_per_second_median"], 3),
+                "step_time": round(r["step_seconds_median"] / one["step_seconds_median"], 3),
+                "effective_batch": [one["effective_batch_size"], r["effective_batch_size"]],
+                "goal": f"tokens/s >= {0.9 * r['gpus']:.1f}x",
             }
     report = {
         "benchmark": "gptoss train, geometry-20b fixture, Unsloth vs transformers+PEFT+bitsandbytes",
@@ -214,6 +246,7 @@ def main() -> int:
         "settings": {"batch_size": args.batch_size, "grad_accum": 1, "seq": args.seq, "steps": args.steps, "rows": args.rows},
         "results": results,
         "ratios_unsloth_over_transformers": ratios,
+        "scaling_over_one_gpu": scaling,
         "extrapolation_24_layers": extrapolate(results),
     }
     text = json.dumps(report, indent=2)

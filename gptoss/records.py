@@ -236,6 +236,30 @@ class DataInfo(Record):
 
 
 @dataclasses.dataclass
+class RankMemory:
+    """Peak memory of one training process."""
+
+    rank: int = field("the process's rank (0 writes the run)")
+    cpu_rss_bytes: int | None = field("peak resident memory of the process", None)
+    cuda_allocated_bytes: int | None = field("peak memory torch allocated on its GPU (null on CPU)", None)
+    cuda_reserved_bytes: int | None = field("peak memory torch's allocator reserved on its GPU (null on CPU)", None)
+    cuda_device: str | None = field("its GPU's name (null on CPU)", None)
+
+
+@dataclasses.dataclass
+class DataParallel:
+    """How many processes trained the run and how big an optimizer step was."""
+
+    world_size: int = field("training processes, one per GPU (1: no torch.distributed)")
+    per_device_batch_size: int = field("rows per micro-batch in each process (--batch-size)")
+    grad_accum: int = field("micro-batches per optimizer step in each process (--grad-accum)")
+    effective_batch_size: int = field("rows per optimizer step: per_device_batch_size x grad_accum x world_size")
+    launcher: str = field("plain (one process) or torchrun", "plain")
+    process_group_backend: str | None = field("nccl (GPUs) or gloo (CPU); null for one process", None)
+    peak_memory_per_rank: list[RankMemory] = field("peak memory of each process, by rank", factory=list)
+
+
+@dataclasses.dataclass
 class TrainingInfo(Record):
     """``models/<run>/training_info.json``: a finished run; written last, before the rename."""
 
@@ -266,7 +290,10 @@ class TrainingInfo(Record):
     steady_state: dict = field("median step time and throughput after the first step", factory=dict)
     model_load_seconds: float | None = field("seconds to load the base and add LoRA", None)
     loss: dict = field("loss summary: first, min, final, verdict, note, eval", factory=dict)
-    peak_memory: dict = field("cpu_rss_bytes, cuda_allocated_bytes, cuda_reserved_bytes, cuda_device", factory=dict)
+    peak_memory: dict = field("cpu_rss_bytes, cuda_allocated_bytes, cuda_reserved_bytes, cuda_device (rank 0's)",
+                              factory=dict)
+    data_parallel: DataParallel | None = field("processes, effective batch and per-process peak memory "
+                                               "(null: written before gptoss had --gpus)", None)
     lora: dict = field("LoRA settings and trainable parameters by group", factory=dict)
     dataset: DataInfo | None = field("the data record (as data.json)", None)
     versions: dict = field("package versions (null: not installed)", factory=dict)
@@ -471,14 +498,19 @@ def markdown() -> str:
         lines.append("")
 
     nested: list[type] = []
-    for cls in RECORDS:
-        table(cls, f"## {cls.FILE} (written by `{cls.COMMAND}`, schema {cls.SCHEMA_VERSION})")
+
+    def tables_of_fields(cls: type) -> None:
         for tp in typing.get_type_hints(cls).values():
-            for arg in (tp, *typing.get_args(tp)):
+            for arg in (tp, *typing.get_args(tp), *(a for t in typing.get_args(tp) for a in typing.get_args(t))):
                 if isinstance(arg, type) and dataclasses.is_dataclass(arg) and not issubclass(arg, Record) \
                         and arg not in nested:
                     nested.append(arg)
                     table(arg, f"### {arg.__name__}")
+                    tables_of_fields(arg)
+
+    for cls in RECORDS:
+        table(cls, f"## {cls.FILE} (written by `{cls.COMMAND}`, schema {cls.SCHEMA_VERSION})")
+        tables_of_fields(cls)
     return "\n".join(lines)
 
 

@@ -168,3 +168,22 @@ def test_serve_gpus_comes_from_the_environment_then_dotenv_and_bad_lists_are_ref
         assert run.returncode == 2 and not (tmp_path / "out.yaml").exists(), bad
         (line,) = run.stderr.splitlines()
         assert line.startswith("docker/replicas.py: error: SERVE_GPUS=") and says in line and "the environment" in line, line
+
+
+def test_train_takes_the_gpus_listed_in_train_gpus_and_runs_one_process_per_gpu():
+    """TRAIN_GPUS=0,1: one reservation whose device_ids element is "0,1" (the daemon joins device_ids with
+    commas into NVIDIA_VISIBLE_DEVICES, so that is both GPUs) and `--gpus all`, so the container starts one
+    process per GPU it sees; one GPU keeps the plain path. TRAIN_GPU, the older single-id name, still works."""
+    dev = lambda cfg: cfg["services"]["train"]["deploy"]["resources"]["reservations"]["devices"]  # noqa: E731
+    two = compose_config({"TRAIN_GPUS": "0,1"})
+    assert [(d["driver"], d["device_ids"], d["capabilities"]) for d in dev(two)] == [("nvidia", ["0,1"], ["gpu"])]
+    train = two["services"]["train"]
+    assert _flag(train["command"], "--gpus") == "all" and train["ipc"] == "host"
+    assert dev(compose_config())[0]["device_ids"] == ["0"]
+    assert dev(compose_config({"TRAIN_GPU": "1"}))[0]["device_ids"] == ["1"]
+    assert dev(compose_config({"TRAIN_GPU": "1", "TRAIN_GPUS": "2,3"}))[0]["device_ids"] == ["2,3"]
+    # what the command does with `--gpus all` in a container that sees one or two GPUs
+    from gptoss.training import distributed
+
+    assert distributed.plan("all", device="cuda", visible_gpus=1)[0].launcher == "plain"
+    assert distributed.plan("all", device="cuda", visible_gpus=2)[0].processes == 2

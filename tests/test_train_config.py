@@ -54,7 +54,7 @@ def test_train_flags_are_the_config_fields_and_documented():
 # A valid non-default value for every field: a new field must be added here (and so be overridable).
 OVERRIDES = {
     "profile": "full", "model": "some/model", "revision": "abc123", "backend": "transformers", "device": "cpu",
-    "load_in_4bit": False, "dtype": "bfloat16", "dataset": "x.jsonl", "dataset_split": "test",
+    "gpus": "2", "load_in_4bit": False, "dtype": "bfloat16", "dataset": "x.jsonl", "dataset_split": "test",
     "dataset_revision": "v1", "max_rows": 10, "max_seq_length": 256, "too_long": "truncate", "loss_on": "final",
     "reasoning_effort": "high", "eval_fraction": 0.1, "eval_steps": 7, "skip_bad_rows": True, "rank": 4,
     "lora_alpha": 8, "lora_dropout": 0.05, "use_rslora": True, "lora_targets": "attention", "max_steps": 3,

@@ -236,7 +236,7 @@ class TransformersBackend(Backend):
 
         kwargs: dict[str, Any] = {"revision": cfg.revision, "dtype": torch_dtype(cfg)}
         if cfg.device == "cuda":
-            kwargs["device_map"] = {"": 0}
+            kwargs["device_map"] = {"": torch.cuda.current_device()}  # this process's GPU (0 unless data-parallel)
         hf_config = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision)
         quant = getattr(hf_config, "quantization_config", None) or {}
         quant_method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
@@ -306,8 +306,13 @@ class UnslothBackend(Backend):
         import unsloth  # noqa: F401  (patches transformers; must be imported first)
 
     def load(self, cfg):
+        import torch
+        import torch.distributed as dist
         from unsloth import FastLanguageModel
 
+        extra: dict[str, Any] = {}
+        if dist.is_initialized():  # data-parallel: the whole copy on this process's GPU
+            extra["device_map"] = {"": torch.cuda.current_device()}
         model, _tokenizer = FastLanguageModel.from_pretrained(
             model_name=cfg.model,
             revision=cfg.revision,
@@ -315,6 +320,7 @@ class UnslothBackend(Backend):
             dtype=None if cfg.dtype == "auto" else torch_dtype(cfg),
             load_in_4bit=bool(cfg.load_in_4bit),
             full_finetuning=False,
+            **extra,
         )
         return model
 

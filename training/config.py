@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from gptoss.choices import choice_problem, flag, literal_choices
 from gptoss.errors import ToolchainError
+from gptoss.training.distributed import gpu_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -58,6 +59,9 @@ class TrainConfig:
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.")
     backend: Literal["auto", "unsloth", "transformers"] = _f("auto", "auto (unsloth on CUDA when installed, else transformers), unsloth or transformers.")
     device: Literal["auto", "cuda", "cpu"] = _f("auto", "auto, cuda or cpu.")
+    gpus: str = _f("1", "data-parallel processes, one per GPU, each with its own copy of the model: a count (2), "
+                   "device ids (0,1) or all (every visible GPU); more than one runs under torchrun. "
+                   "On --device cpu a count of CPU processes (gloo), for tests (default 1).")
     load_in_4bit: bool | None = _f(None, "load the base model in 4-bit (bitsandbytes; default: on CUDA).")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f("auto", "compute/weight dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32.")
     # Data
@@ -138,6 +142,8 @@ class TrainConfig:
                 f"--lora-dropout: must be 0 when the experts are targeted (PEFT target_parameters and the "
                 f"fused expert path have no dropout), got {self.lora_dropout!r}; use --lora-dropout 0 or --lora-targets attention"
             )
+        if (gpus := gpu_problem(self.gpus)) is not None:
+            out.append(gpus)
         if not self.dataset:
             out.append("--dataset: must name a Hub dataset id or a local .jsonl/.parquet file")
         if self.model == "":
@@ -240,6 +246,8 @@ def coerce(name: str, value: Any) -> tuple[Any, str | None]:
             return str(value), None
         if isinstance(value, str):
             return value, None
+        if isinstance(value, (tuple, list)) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+            return ",".join(map(str, value)), None  # fire reads "0,1" as a tuple
         return value, f"{flag(name)}: expected text, got {value!r}"
     return value, None
 

@@ -163,25 +163,37 @@ def _autocast(cfg):
     return contextlib.nullcontext()
 
 
-def evaluate(model, backend, examples: list[Example], cfg, pad_id: int, device) -> float:
+def evaluate(model, backend, examples: list[Example], cfg, pad_id: int, device, world=None) -> float:
+    """Mean loss over the supervised tokens of ``examples``; with several processes each scores every
+    world_size-th batch and the sums are added up."""
     import torch
 
+    rank, size = (world.rank, world.size) if world is not None else (0, 1)
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for i in range(0, len(examples), cfg.batch_size):
+        for j, i in enumerate(range(0, len(examples), cfg.batch_size)):
+            if j % size != rank:
+                continue
             ids, mask, labels = collate(examples[i : i + cfg.batch_size], pad_id, device)
             with _autocast(cfg):
                 loss_sum, n = backend.loss(model, ids, mask, labels)
             total += float(loss_sum)
             count += n
     model.train()
+    if world is not None:
+        total, count = world.sum([total, count])
     return total / max(count, 1)
 
 
-def train_loop(model, backend, data, cfg, run_dir: Path, monitor, *, pad_id: int, resume_from: Path | None = None, state: TrainState | None = None) -> TrainState:
+def train_loop(model, backend, data, cfg, run_dir: Path, monitor, *, pad_id: int, resume_from: Path | None = None,
+               state: TrainState | None = None, world=None) -> TrainState:
+    """``world`` (training/distributed.py) with several processes: this one takes every
+    world_size-th micro-batch of the step's ``grad_accum x world_size``, the gradients and token
+    counts are summed over processes, and only rank 0 writes checkpoints. None: one process."""
     import torch
 
+    rank, size = (world.rank, world.size) if world is not None else (0, 1)
     device = next(p.device for p in model.parameters() if p.requires_grad)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
@@ -190,20 +202,27 @@ def train_loop(model, backend, data, cfg, run_dir: Path, monitor, *, pad_id: int
         state = load_checkpoint(resume_from, model, optimizer, scheduler)
         log.info("resumed from %s at step %d", resume_from, state.step)
     params = [p for p in model.parameters() if p.requires_grad]
-    batches = micro_batches(len(data.train), cfg.batch_size, cfg.seed, start=state.step * cfg.grad_accum)
+    per_step = cfg.grad_accum * size
+    batches = micro_batches(len(data.train), cfg.batch_size, cfg.seed, start=state.step * per_step)
     eval_every = cfg.eval_steps or cfg.save_steps
     model.train()
     while state.step < cfg.max_steps:
         t0 = time.perf_counter()
-        micro = [collate([data.train[i] for i in next(batches)], pad_id, device) for _ in range(cfg.grad_accum)]
+        step_rows = [next(batches) for _ in range(per_step)][rank::size]
+        micro = [collate([data.train[i] for i in rows], pad_id, device) for rows in step_rows]
         n_sup = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, _, labels in micro)
         n_tok = sum(int(mask.sum()) for _, mask, _ in micro)
+        if world is not None:
+            n_sup, n_tok = (int(v) for v in world.sum([n_sup, n_tok]))
         loss_total = 0.0
         for ids, mask, labels in micro:
             with _autocast(cfg):
                 loss_sum, _ = backend.loss(model, ids, mask, labels)
             (loss_sum / n_sup).backward()
             loss_total += float(loss_sum.detach())
+        if world is not None:
+            world.reduce_gradients(params)
+            (loss_total,) = world.sum([loss_total])
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -224,10 +243,10 @@ def train_loop(model, backend, data, cfg, run_dir: Path, monitor, *, pad_id: int
         state.step_history.append([state.step, round(dt, 4), n_tok])
         monitor.step(state.step, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_second": n_tok / dt})
         if data.eval and (state.step % eval_every == 0 or state.step == cfg.max_steps):
-            eval_loss = evaluate(model, backend, data.eval, cfg, pad_id, device)
+            eval_loss = evaluate(model, backend, data.eval, cfg, pad_id, device, world)
             state.eval_history.append([state.step, eval_loss])
             monitor.eval(state.step, eval_loss)
-        if state.step % cfg.save_steps == 0 or state.step == cfg.max_steps:
+        if rank == 0 and (state.step % cfg.save_steps == 0 or state.step == cfg.max_steps):
             path = save_checkpoint(run_dir, model, optimizer, scheduler, state, cfg.keep_checkpoints)
             log.debug("checkpoint %s", path)
     return state

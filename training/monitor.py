@@ -14,17 +14,21 @@ class Monitor:
     """Progress bar (tqdm) with loss, lr and tokens/s; TensorBoard under ``logs/``; W&B only when
     WANDB_API_KEY is set."""
 
-    def __init__(self, cfg, run_dir: Path, *, start_step: int, run_name: str):
+    def __init__(self, cfg, run_dir: Path, *, start_step: int, run_name: str, enabled: bool = True):
         from tqdm.auto import tqdm
 
         self.cfg = cfg
-        self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=None)
+        self.enabled = enabled  # False: a data-parallel process other than rank 0 (shows and writes nothing)
+        self.bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=None if enabled else True)
         self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=str(run_dir / "logs"), purge_step=start_step + 1 if start_step else None)
-        self.wandb = None
         if os.environ.get("WANDB_API_KEY"):
             try:
                 import wandb
@@ -38,6 +42,8 @@ class Monitor:
                 log.warning("W&B disabled: %s", e)
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         self.bar.update(1)
         self.bar.set_postfix(
             loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_second']:.0f}"
@@ -51,6 +57,8 @@ class Monitor:
         self._scalars("train", step, metrics)
 
     def eval(self, step: int, loss: float) -> None:
+        if not self.enabled:
+            return
         self.bar.write(f"step {step}/{self.cfg.max_steps} eval_loss {loss:.4f}")
         log.debug("eval step %d loss %.4f", step, loss)
         self._scalars("eval", step, {"loss": loss})

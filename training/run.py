@@ -27,10 +27,11 @@ from gptoss.errors import ToolchainError
 from gptoss.hubid import is_hub_id
 from gptoss.latest import LATEST, switch_latest
 from gptoss.machine import package_versions, peak_rss_bytes
-from gptoss.records import DataInfo, TrainingInfo, write_json_atomic
+from gptoss.records import DataInfo, DataParallel, RankMemory, TrainingInfo, write_json_atomic
 from gptoss.training import backends as backends_mod
 from gptoss.training import config as config_mod
 from gptoss.training import data as data_mod
+from gptoss.training import distributed
 from gptoss.training.config import ConfigError, TrainConfig, flag
 
 log = logging.getLogger("gptoss.train")
@@ -57,6 +58,12 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def _looks_local(name: str) -> bool:
     return not is_hub_id(name)
 
@@ -75,6 +82,16 @@ def environment_problems(values: dict[str, Any]) -> tuple[dict[str, Any], list[s
     if device == "auto":
         device = "cuda" if cuda else "cpu"
     resolved["device"] = device
+
+    gpu_plan, problem = distributed.plan(values.get("gpus", "1"), device=device, visible_gpus=_visible_gpus() if cuda else 0)
+    if problem:
+        problems.append(problem)
+    else:
+        resolved["gpus"] = str(gpu_plan.processes)
+        started = int(os.environ.get(distributed.WORLD_ENV, "0"))
+        if started and started != gpu_plan.processes:
+            problems.append(f"--gpus {values.get('gpus')}: asks for {gpu_plan.processes} process(es) but torchrun started "
+                            f"{started}; pass --gpus {started} or leave --gpus out under torchrun")
 
     backend = values.get("backend", "auto")
     if backend == "auto":
@@ -177,7 +194,7 @@ def resolve(overrides: dict[str, Any], resume: Any = None) -> tuple[TrainConfig,
             changed = [
                 k for k, v in overrides.items()
                 if v is not None and k in base and k not in config_mod.RESUMABLE_OVERRIDES
-                and config_mod.coerce(k, v)[0] != base[k] and k != "output_dir"
+                and config_mod.coerce(k, v)[0] != base[k] and k not in ("output_dir", "gpus")
             ]
             problems += [
                 f"{flag(k)}: cannot change when resuming ({base[k]!r} in {resume_dir / CONFIG_FILE}); "
@@ -188,6 +205,10 @@ def resolve(overrides: dict[str, Any], resume: Any = None) -> tuple[TrainConfig,
     resolved, env_problems = environment_problems(values)
     cfg, problems = config_mod.config_problems(values, problems)
     problems += env_problems
+    if base is not None and "gpus" in resolved and resolved["gpus"] != str(base.get("gpus", "1")):
+        was = str(base.get("gpus", "1"))
+        problems.append(f"--gpus: {resume_dir} trained on {was} process(es), this would resume on {resolved['gpus']}; "
+                        f"resume with --gpus {was} (the data order and the effective batch depend on it)")
     if problems or cfg is None:
         raise ConfigError(problems)
     if values.get("backend", "auto") == "auto" and resolved["device"] == "cuda" and resolved["backend"] != "unsloth":
@@ -256,7 +277,7 @@ def _peak_memory(device: str) -> dict[str, int | None]:
 
         out["cuda_allocated_bytes"] = torch.cuda.max_memory_allocated()
         out["cuda_reserved_bytes"] = torch.cuda.max_memory_reserved()
-        out["cuda_device"] = torch.cuda.get_device_name(0)
+        out["cuda_device"] = torch.cuda.get_device_name(torch.cuda.current_device())
     else:
         out["cuda_allocated_bytes"] = None
     return out
@@ -310,8 +331,38 @@ def _load_tokenizer(cfg: TrainConfig):
 
 
 def run(overrides: dict[str, Any], *, resume: Any = None) -> Path:
+    """One process: train here. Several (``--gpus``): validate here, then run the workers under
+    torchrun and return what rank 0 finished. A torchrun worker joins the group and trains its share."""
     _setup_logging()
+    worker = distributed.in_worker()
+    if worker and overrides.get("gpus") is None and resume in (None, False):
+        overrides = {**overrides, "gpus": os.environ[distributed.WORLD_ENV]}  # `torchrun -m gptoss train` by hand
     cfg, resume_dir = resolve(overrides, resume)
+    if not worker:
+        gpu_plan, _ = distributed.plan(overrides.get("gpus") or cfg.gpus, device=cfg.device,
+                                       visible_gpus=_visible_gpus() if cfg.device == "cuda" else 0)
+        if gpu_plan.processes > 1:
+            flags = {k: v for k, v in overrides.items() if v is not None}
+            flags["gpus"] = cfg.gpus
+            if resume_dir is not None:
+                flags["resume"] = str(resume_dir)
+            log.info("data-parallel on %d processes (%s) under torchrun", gpu_plan.processes,
+                     f"CUDA_VISIBLE_DEVICES={gpu_plan.visible_devices}" if gpu_plan.visible_devices else cfg.device)
+            return distributed.launch(gpu_plan, flags)
+        return _run(cfg, resume_dir, distributed.World())
+    world = distributed.join(cfg.device)
+    if not world.is_main:
+        log.setLevel(logging.WARNING)  # rank 0 speaks for the run
+    try:
+        final = _run(cfg, resume_dir, world)
+        if world.is_main:
+            distributed.write_result(final)
+        return final
+    finally:
+        world.close()
+
+
+def _run(cfg: TrainConfig, resume_dir: Path | None, world: distributed.World) -> Path:
     backend = backends_mod.get_backend(cfg.backend)
     backend.prepare()
     log.info("backend %s on %s, model %s, profile %s", cfg.backend, cfg.device, cfg.model, cfg.profile)
@@ -342,8 +393,14 @@ def run(overrides: dict[str, Any], *, resume: Any = None) -> Path:
 
     # The model is loaded and checked before the run directory exists: a failure here leaves nothing behind.
     model, groups_start, load_seconds = _load_model(cfg, backend)
+    world.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
 
+    if not world.is_main:  # only rank 0 writes; the others learn the folder's name from it
+        run_dir = Path(world.broadcast(None))
+        return _train_and_finish(cfg, backend, tokenizer, data, data_record, run_dir, resume_from, None,
+                                 model=model, groups_start=groups_start, load_seconds=load_seconds, world=world)
     run_dir = resume_dir if resume_dir is not None else _new_run_dir(cfg)
+    world.broadcast(str(run_dir))
     write_json_atomic(run_dir / CONFIG_FILE, cfg.to_dict())
     DataInfo(**data_record).write(run_dir)
     file_log = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
@@ -355,7 +412,7 @@ def run(overrides: dict[str, Any], *, resume: Any = None) -> Path:
     backends_mod.log_groups(groups_start, "LoRA")
     try:
         return _train_and_finish(cfg, backend, tokenizer, data, data_record, run_dir, resume_from, started,
-                                 model=model, groups_start=groups_start, load_seconds=load_seconds)
+                                 model=model, groups_start=groups_start, load_seconds=load_seconds, world=world)
     finally:
         log.removeHandler(file_log)
         file_log.close()
@@ -382,19 +439,24 @@ def _load_model(cfg: TrainConfig, backend):
 
 
 def _train_and_finish(cfg, backend, tokenizer, data, data_record, run_dir: Path, resume_from, started, *,
-                      model, groups_start, load_seconds) -> Path:
+                      model, groups_start, load_seconds, world: distributed.World) -> Path:
     from gptoss.training import loop
     from gptoss.training.monitor import Monitor, loss_summary
 
     name = run_dir.name[: -len(PARTIAL_SUFFIX)] if run_dir.name.endswith(PARTIAL_SUFFIX) else run_dir.name
     start_step = json.loads((resume_from / loop.STATE_FILE).read_text())["step"] if resume_from else 0
-    monitor = Monitor(cfg, run_dir, start_step=start_step, run_name=name)
+    monitor = Monitor(cfg, run_dir, start_step=start_step, run_name=name, enabled=world.is_main)
     try:
         state = loop.train_loop(
-            model, backend, data, cfg, run_dir, monitor, pad_id=tokenizer.pad_token_id, resume_from=resume_from
+            model, backend, data, cfg, run_dir, monitor, pad_id=tokenizer.pad_token_id, resume_from=resume_from,
+            world=world if world.size > 1 else None,
         )
     finally:
         monitor.close()
+    memory = world.gather({"rank": world.rank, **_peak_memory(cfg.device)})
+    if not world.is_main:
+        world.barrier()  # rank 0 writes the adapter, the record and the link
+        return run_dir.with_name(name)
 
     groups_end = backends_mod.lora_groups(model)
     expert_b = {k: v["lora_B_norm"] for k, v in groups_end.items() if k.startswith("experts.")}
@@ -432,7 +494,12 @@ def _train_and_finish(cfg, backend, tokenizer, data, data_record, run_dir: Path,
         "steady_state": _steady_state(state.step_history),
         "model_load_seconds": round(load_seconds, 2),
         "loss": summary,
-        "peak_memory": _peak_memory(cfg.device),
+        "peak_memory": {k: v for k, v in memory[0].items() if k != "rank"},
+        "data_parallel": DataParallel(
+            world_size=world.size, per_device_batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+            effective_batch_size=cfg.batch_size * cfg.grad_accum * world.size, launcher=world.launcher,
+            process_group_backend=world.backend, peak_memory_per_rank=[RankMemory(**m) for m in memory],
+        ),
         "lora": {
             "rank": cfg.rank,
             "alpha": cfg.lora_alpha,
@@ -455,6 +522,7 @@ def _train_and_finish(cfg, backend, tokenizer, data, data_record, run_dir: Path,
         os.replace(run_dir, final)
     switch_latest(final)
     log.info("finished: %s (adapter in %s); %s now points to it", final, final / ADAPTER_DIR, final.parent / LATEST)
+    world.barrier()
     return final
 
 
