@@ -1,10 +1,14 @@
 """transformers backend: a merged checkpoint, or a base model + a PEFT LoRA adapter.
 
 Plain transformers on CPU; on CUDA Unsloth's fast inference when Unsloth is installed (the
-serve-unsloth image), plain transformers otherwise. Each request generates in its own thread
-(``model.generate`` with a streamer that hands token ids to the event loop); at most ``parallel``
-run at once and the API answers 429 beyond its queue. torch/transformers are imported only here,
-only when this backend starts, so the llama.cpp image does not need them.
+serve-unsloth image), plain transformers otherwise. Requests are batched continuously by
+transformers' own ContinuousBatchingManager with paged attention (serving.transformers_batching):
+one generation thread, every running request in each step, up to ``parallel`` at once (the API
+answers 429 beyond its queue). Where that cannot run (a transformers without it, or a model whose
+forward rejects paged attention, e.g. one patched by Unsloth: a 2-token probe at start finds out),
+each request generates in its own thread (``model.generate`` with a streamer) as before; the log
+and /info (``batching``) say which path serves. torch/transformers are imported only here, only
+when this backend starts, so the llama.cpp image does not need them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import anyio
 from gptoss.serving.backends import Backend, BackendConfig, BackendError, Generated, SamplingParams, ServeError, register_backend
 
 log = logging.getLogger("gptoss.serve.transformers")
+
+ENGINE_CHECK_S = 5.0  # a request that hears nothing this long checks the batching engine is alive
 
 
 class _TokenQueue:
@@ -65,10 +71,43 @@ class TransformersBackend(Backend):
             )
         self.model = None
         self.engine = "transformers"
+        self.batcher = None  # serving.transformers_batching.ContinuousBatcher once it runs
+        self.batching_note = "not started"  # why the thread-per-request path serves, when it does
 
     async def start(self) -> None:
         await asyncio.to_thread(self._load)
+        await self._start_batching()
         self.ready = True
+
+    async def _start_batching(self) -> None:
+        """Continuous batching when it runs here (a 2-token probe through it); else the thread path."""
+        if not hasattr(self.model, "init_continuous_batching"):
+            self._thread_path("this transformers has no continuous batching (init_continuous_batching)")
+            return
+        try:
+            from gptoss.serving.transformers_batching import ContinuousBatcher
+
+            self.batcher = await asyncio.to_thread(ContinuousBatcher, self.model, parallel=self.parallel, ctx=self.n_ctx)
+            from gptoss import harmony
+
+            prompt = harmony.render_prompt([{"role": "user", "content": "Hello"}])
+            probe = [t async for step in self._generate_batched(prompt, SamplingParams(max_tokens=2, temperature=0.0))
+                     for t in step.tokens]
+            if not probe:
+                raise BackendError("the probe request generated no token")
+        except Exception as e:  # ImportError (an older transformers) or a forward that rejects paged attention
+            if self.batcher is not None:
+                await asyncio.to_thread(self.batcher.stop)
+                self.batcher = None
+            self._thread_path(f"continuous batching failed its probe: {type(e).__name__}: {e}")
+            return
+        log.info("transformers backend (%s): continuous batching, %s attention, up to %d requests per step",
+                 self.engine, self.batcher.attention, self.parallel)
+
+    def _thread_path(self, why: str) -> None:
+        self.batching_note = why
+        log.warning("transformers backend (%s): one generate thread per request, no batching across requests (%s)",
+                    self.engine, why)
 
     def _load(self) -> None:
         import torch
@@ -127,14 +166,56 @@ class TransformersBackend(Backend):
         return model
 
     def info(self) -> dict:
-        return {**super().info(), "engine": self.engine}
+        batching = self.batcher.stats() if self.batcher else {"mode": "thread", "reason": self.batching_note}
+        return {**super().info(), "engine": self.engine, "batching": batching}
 
+    def alive(self) -> bool:
+        return self.batcher.alive() if self.batcher else True
 
     async def stop(self) -> None:
         self.ready = False
+        if self.batcher is not None:
+            await asyncio.to_thread(self.batcher.stop)
+            self.batcher = None
         self.model = None
 
-    async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Generated]:
+    def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Generated]:
+        if self.batcher is not None:
+            return self._generate_batched(prompt, params)
+        return self._generate_in_thread(prompt, params)
+
+    async def _generate_batched(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Generated]:
+        """One request in the continuous batch: the engine streams all its tokens so far at each step."""
+        from gptoss import harmony
+
+        batcher = self.batcher
+        stops = set(params.stop_token_ids)
+        request_id, outputs = batcher.submit(prompt, max_tokens=params.max_tokens, stop_token_ids=sorted(stops),
+                                             temperature=params.temperature, top_p=params.top_p, seed=params.seed)
+        produced: list[int] = []
+        finished = False
+        try:
+            while not finished:
+                try:
+                    out = await asyncio.wait_for(outputs.get(), ENGINE_CHECK_S)
+                except asyncio.TimeoutError:  # nothing for a while: is the engine still there?
+                    if not batcher.alive():
+                        raise BackendError("the continuous-batching engine stopped") from None
+                    continue
+                if out.error is not None:
+                    raise BackendError(f"generation failed: {out.error}")
+                finished = out.is_finished()
+                new = out.generated_tokens[len(produced):]
+                if new:
+                    produced.extend(new)
+                    yield Generated(tokens=list(new))
+            reason = "stop" if produced and produced[-1] in stops else "length"
+            yield Generated(tokens=[], done=True, reason=reason, prompt_text=harmony.encoding().decode(prompt),
+                            n_generated=len(produced))
+        finally:
+            batcher.release(request_id, cancel=not finished)  # client gone: the engine frees its slot and pages
+
+    async def _generate_in_thread(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Generated]:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
