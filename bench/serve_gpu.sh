@@ -10,6 +10,9 @@
 #   bash bench/serve_gpu.sh models [N] [..] # GPU machine: fixture with N layers (default 4) -> F16 -> Q4_K_M
 #                                          # (more flags go to serve_gpu.py, e.g. --convert-type q8_0 --drop-fixture)
 #   bash bench/serve_gpu.sh bench [N]      # GPU machine: prints JSON, writes $OUT/serve_gpu.json
+#   bash bench/serve_gpu.sh sweep [N] [..] # GPU machine: llama-server flag sets side by side ($OUT/sweep.json)
+#   bash bench/serve_gpu.sh api [N] [..]   # GPU machine: our API vs llama-server direct, CPU per token, py-spy
+#                                          # ($OUT/api.json; e.g. --engine-args="--flash-attn on" --py-spy)
 #
 # Everything lands under .cache/ in the repo (git-ignored), so the stages can run as separate
 # commands on a machine that stays warm; each stage skips what is already there.
@@ -28,6 +31,7 @@ install_carried_wheels() {
         fastapi uvicorn httpx prometheus-client openai-harmony tiktoken fire pyyaml
 import fastapi, uvicorn, httpx, prometheus_client, openai_harmony, tiktoken, fire, yaml  # noqa
 EOF
+    command -v py-spy >/dev/null || python3 -m pip install -q --no-index --find-links "$CARRY/wheels" py-spy || true
 }
 
 unpack_source() {
@@ -49,6 +53,8 @@ prepare)
             --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
             -d "$CARRY/wheels" fastapi uvicorn httpx prometheus-client openai-harmony tiktoken fire pyyaml
     done
+    python3 -m pip download -q --only-binary=:all: --no-deps --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+        --python-version 3.12 --implementation cp -d "$CARRY/wheels" py-spy
     du -sh "$CARRY"
     ;;
 prepare-cmake)
@@ -78,13 +84,13 @@ models)
     unpack_source
     python3 bench/serve_gpu.py models --layers "$LAYERS" "${@:3}"
     ;;
-bench)
+bench|sweep|api)
     install_carried_wheels
     unpack_source
-    python3 bench/serve_gpu.py bench --layers "$LAYERS" "${@:3}"
+    python3 bench/serve_gpu.py "$1" --layers "$LAYERS" "${@:3}"
     ;;
 *)
-    sed -n '2,15p' "$0"
+    sed -n '2,18p' "$0"
     exit 2
     ;;
 esac

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSche
 
 from gptoss import harmony
 from gptoss.serving.backends import Backend, BackendError, EngineDown, Generated, SamplingParams
-from gptoss.serving.chat import ChatOutput, request_messages
+from gptoss.serving.chat import ChatOutput, merge_deltas, request_messages
 
 log = logging.getLogger("gptoss.serve")
 
@@ -856,8 +856,8 @@ def create_app(backend: Backend, *, model_id: str | None = None, queue: int | No
 
             yield chunk({"role": "assistant", "content": ""})
             try:
-                async for delta in run.deltas():
-                    yield chunk(delta)
+                async for step in run.steps():  # one write per engine step
+                    yield "".join(chunk(delta) for delta in step)
             except BackendError as e:
                 log.error("generation failed mid-stream: %s", e)
                 code = "engine_down" if isinstance(e, EngineDown) else "engine_error"
@@ -889,6 +889,12 @@ class _Run:
         self.n_completion = 0
 
     async def deltas(self) -> AsyncIterator[dict]:
+        async for step in self.steps():
+            for delta in step:
+                yield delta
+
+    async def steps(self) -> AsyncIterator[list[dict]]:
+        """The deltas of each backend step (all tokens one engine read brought), merged (chat.merge_deltas)."""
         started = time.monotonic()
         self.metrics.queue_wait.observe(started - self.admitted)
         first = True
@@ -900,9 +906,11 @@ class _Run:
                 if first and step.tokens:
                     self.metrics.ttft.observe(time.monotonic() - self.admitted)
                     first = False
+                out: list[dict] = []
                 for token in step.tokens:
-                    for delta in self.output.feed(token):
-                        yield delta
+                    out += self.output.feed(token)
+                if out:
+                    yield merge_deltas(out)
                 if step.done:
                     engine_reason = step.reason
                     self.prompt_text = step.prompt_text
@@ -916,7 +924,7 @@ class _Run:
             with anyio.CancelScope(shield=True):
                 await gen.aclose()
             self.metrics.completion_tokens.inc(self.n_completion or self.output.n_tokens)
-        for delta in self.output.flush():
-            yield delta
+        if tail := self.output.flush():
+            yield tail
         self.finish_reason = self.output.finish_reason(engine_reason)
         self.metrics.latency.observe(time.monotonic() - self.admitted)

@@ -41,6 +41,7 @@ class BackendConfig:
     dtype: str = "auto"
     engine_restarts: int = 3  # llamacpp: failed (re)starts in a row tolerated before the process gives up
     engine_backoff: float = 1.0  # llamacpp: seconds before the first restart, doubled after each failure
+    engine_args: tuple[str, ...] = ()  # llamacpp: more llama-server flags, after ours (later flags win)
 
     @property
     def gpu_index(self) -> int | None:

@@ -115,3 +115,28 @@ class ChatOutput:
         if result.stop == harmony.CALL or (self.tool_calls and engine_reason == "stop"):
             return "tool_calls"
         return "length" if engine_reason == "length" else "stop"
+
+
+def merge_deltas(deltas: list[dict]) -> list[dict]:
+    """ChatOutput.feed's deltas of several tokens with adjacent ones of one kind joined (content with
+    content, reasoning with reasoning, a tool call's argument pieces with that call): the same text in
+    fewer stream events."""
+    out: list[dict] = []
+    for d in deltas:
+        last = out[-1] if out else None
+        if last is not None and d.keys() == last.keys():
+            if d.keys() == {"content"}:
+                last["content"] += d["content"]
+                continue
+            if d.keys() == {"reasoning", "reasoning_content"}:
+                last["reasoning"] += d["reasoning"]
+                last["reasoning_content"] += d["reasoning_content"]
+                continue
+            if d.keys() == {"tool_calls"} and len(d["tool_calls"]) == len(last["tool_calls"]) == 1:
+                new, prev = d["tool_calls"][0], last["tool_calls"][-1]
+                if new.get("index") == prev.get("index") and new.keys() == {"index", "function"} \
+                        and new["function"].keys() == {"arguments"}:
+                    prev["function"]["arguments"] = (prev["function"].get("arguments") or "") + new["function"]["arguments"]
+                    continue
+        out.append(d)  # ChatOutput.feed makes fresh dicts: merging into them changes nothing it keeps
+    return out

@@ -75,7 +75,7 @@ def server_command(config: BackendConfig, binary: Path, port: int) -> list[str]:
     ]
     if config.threads:
         cmd += ["--threads", str(config.threads)]
-    return cmd
+    return cmd + list(config.engine_args)
 
 
 @dataclasses.dataclass
@@ -248,6 +248,7 @@ class LlamaCppBackend(Backend):
 
     def info(self) -> dict:
         return {**super().info(), "engine": "llama-server", "engine_url": self.base_url, "sample_on_device": self.config.sample_on_device,
+                "engine_args": list(self.config.engine_args),
                 "engine_log": self._engine.log_path if self._engine else None, "engine_restarts": self.restarts}
 
     async def _failed(self, engine: _Engine, message: str) -> BackendError:
@@ -294,32 +295,37 @@ class LlamaCppBackend(Backend):
             if resp.status_code != 200:
                 text = (await resp.aread()).decode(errors="replace")
                 raise BackendError(f"llama-server answered {resp.status_code}: {text[:500]}")
-            async for line in sse_lines(resp.aiter_bytes()):
-                if not line.startswith("data: "):
-                    if line.startswith("error:"):
-                        raise BackendError(f"llama-server: {line[6:].strip()[:500]}")
-                    continue
-                try:
-                    chunk = json.loads(line[6:])
-                except json.JSONDecodeError as e:
-                    raise BackendError(f"llama-server sent an unreadable event ({e}): {line[:200]!r}") from e
-                if "error" in chunk:
-                    raise BackendError(f"llama-server: {chunk['error']}")
-                tokens = [int(t) for t in chunk.get("tokens") or []]
-                n_pred = chunk.get("tokens_predicted")
-                if tokens and isinstance(n_pred, int) and n_pred > seen + len(tokens):
-                    tokens = _recover_skipped(chunk.get("content") or "", tokens)
-                seen = n_pred if isinstance(n_pred, int) else seen + len(tokens)
-                if chunk.get("stop"):
-                    stop_type = chunk.get("stop_type")
-                    yield Generated(
-                        tokens=tokens, done=True,
-                        reason="length" if stop_type == "limit" or chunk.get("truncated") else "stop",
-                        prompt_text=chunk.get("prompt"), n_generated=chunk.get("tokens_predicted"),
-                    )
-                    return
-                if tokens:
-                    yield Generated(tokens=tokens)
+            # Every event that arrived in one read goes up as one step: when the engine outpaces us, the
+            # API parses, encodes and sends them together instead of paying its per-event cost each time.
+            async for lines in sse_line_batches(resp.aiter_bytes()):
+                step: list[int] = []
+                for line in lines:
+                    if not line.startswith("data: "):
+                        if line.startswith("error:"):
+                            raise BackendError(f"llama-server: {line[6:].strip()[:500]}")
+                        continue
+                    try:
+                        chunk = json.loads(line[6:])
+                    except json.JSONDecodeError as e:
+                        raise BackendError(f"llama-server sent an unreadable event ({e}): {line[:200]!r}") from e
+                    if "error" in chunk:
+                        raise BackendError(f"llama-server: {chunk['error']}")
+                    tokens = [int(t) for t in chunk.get("tokens") or []]
+                    n_pred = chunk.get("tokens_predicted")
+                    if tokens and isinstance(n_pred, int) and n_pred > seen + len(tokens):
+                        tokens = _recover_skipped(chunk.get("content") or "", tokens)
+                    seen = n_pred if isinstance(n_pred, int) else seen + len(tokens)
+                    step += tokens
+                    if chunk.get("stop"):
+                        stop_type = chunk.get("stop_type")
+                        yield Generated(
+                            tokens=step, done=True,
+                            reason="length" if stop_type == "limit" or chunk.get("truncated") else "stop",
+                            prompt_text=chunk.get("prompt"), n_generated=chunk.get("tokens_predicted"),
+                        )
+                        return
+                if step:
+                    yield Generated(tokens=step)
         except httpx.HTTPError as e:
             raise await self._failed(engine, f"llama-server connection failed: {e!r}") from e
         finally:
@@ -329,8 +335,8 @@ class LlamaCppBackend(Backend):
         raise await self._failed(engine, "llama-server closed the stream before its final chunk")
 
 
-async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
-    """Lines of an event stream, split at b"\\n" only.
+async def sse_line_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[str]]:
+    """The complete lines of an event stream that each read brought, split at b"\\n" only.
 
     httpx's aiter_lines splits like str.splitlines, also at U+2028, U+0085 and friends, which
     llama-server writes raw inside JSON strings (generated text): that tore events in half.
@@ -339,10 +345,17 @@ async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
     async for chunk in chunks:
         buf += chunk
         *lines, buf = buf.split(b"\n")
-        for line in lines:
-            yield line.rstrip(b"\r").decode("utf-8", errors="replace")
+        if lines:
+            yield [line.rstrip(b"\r").decode("utf-8", errors="replace") for line in lines]
     if buf:
-        yield buf.rstrip(b"\r").decode("utf-8", errors="replace")
+        yield [buf.rstrip(b"\r").decode("utf-8", errors="replace")]
+
+
+async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """sse_line_batches, one line at a time."""
+    async for lines in sse_line_batches(chunks):
+        for line in lines:
+            yield line
 
 
 def _recover_skipped(content: str, tokens: list[int]) -> list[int]:

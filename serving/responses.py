@@ -344,9 +344,8 @@ async def create_response(request: Request):
         yield emit({"type": "response.created", "response": response("in_progress", [], None)})
         yield emit({"type": "response.in_progress", "response": response("in_progress", [], None)})
         try:
-            async for delta in run.deltas():
-                for event in items.feed(delta):
-                    yield emit(event)
+            async for step in run.steps():  # one write per engine step
+                yield "".join(emit(event) for delta in step for event in items.feed(delta))
         except BackendError as e:
             log.error("generation failed mid-stream: %s", e)
             code = "engine_down" if isinstance(e, EngineDown) else "engine_error"

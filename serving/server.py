@@ -135,7 +135,7 @@ def gpu_problem(device: str) -> str | None:
 
 def resolve_config(*, backend: str, model: str, adapter: str | None, quant: str | None, device: str, ctx: int,
                    parallel: int, threads: int | None, dtype: str, sample_on_device: bool = False,
-                   engine_restarts: int = 3, engine_backoff: float = 1.0) -> BackendConfig:
+                   engine_restarts: int = 3, engine_backoff: float = 1.0, engine_args: str | None = None) -> BackendConfig:
     """Check every flag and report all problems at once; find the model through the stage records."""
     problems: list[str] = []
     if wrong := choice_problem("--backend", backend, sorted(BACKENDS)):
@@ -159,6 +159,7 @@ def resolve_config(*, backend: str, model: str, adapter: str | None, quant: str 
         problems.append(f"--sample-on-device is a switch (true/false), got {sample_on_device!r}")
     elif sample_on_device and backend != "llamacpp":
         problems.append("--sample-on-device is for the llamacpp backend")
+    extra_args = engine_args_problems(backend, engine_args, problems)
     problems += signature_problems(serve, {"dtype": dtype})
     if adapter is not None and not (Path(str(adapter)).expanduser() / "adapter_config.json").is_file():
         problems.append(f"--adapter {adapter}: no adapter_config.json there; pass the adapter folder of a training run")
@@ -180,7 +181,33 @@ def resolve_config(*, backend: str, model: str, adapter: str | None, quant: str 
         raise ServeError("; ".join(problems))
     return BackendConfig(model=resolved.model, adapter=resolved.adapter, revision=resolved.revision, source=resolved.source,
                          device=device, ctx=ctx, parallel=parallel, threads=threads, dtype=dtype,
-                         sample_on_device=sample_on_device, engine_restarts=engine_restarts, engine_backoff=float(engine_backoff))
+                         sample_on_device=sample_on_device, engine_restarts=engine_restarts, engine_backoff=float(engine_backoff),
+                         engine_args=extra_args)
+
+
+# Flags the llamacpp backend sets itself: where it listens and what it loads are not the user's to move.
+OWN_ENGINE_FLAGS = ("--model", "-m", "--host", "--port", "--parallel", "-np", "--ctx-size", "-c", "--n-gpu-layers", "-ngl")
+
+
+def engine_args_problems(backend: str, engine_args: str | None, problems: list[str]) -> tuple[str, ...]:
+    """--engine-args split like a shell line; a problem for each flag the backend owns."""
+    import shlex
+
+    if engine_args is None or engine_args == "":
+        return ()
+    if backend != "llamacpp":
+        problems.append("--engine-args passes flags to llama-server: it is for the llamacpp backend")
+        return ()
+    try:
+        args = tuple(shlex.split(str(engine_args)))
+    except ValueError as e:
+        problems.append(f"--engine-args {engine_args!r}: {e} (quote it as one shell word list)")
+        return ()
+    owned = [a for a in args if a.split("=", 1)[0] in OWN_ENGINE_FLAGS]
+    if owned:
+        problems.append(f"--engine-args {' '.join(owned)}: set by gptoss serve itself; use --model, --ctx, --parallel, --device "
+                        f"(--host/--port are the API's)")
+    return args
 
 
 def serve(
@@ -200,6 +227,7 @@ def serve(
     sample_on_device: bool = False,
     engine_restarts: int = 3,
     engine_backoff: float = 1.0,
+    engine_args: str | None = None,
     model_name: str | None = None,
     api_key: str | None = None,
     metrics_public: bool = False,
@@ -229,6 +257,7 @@ def serve(
         sample_on_device: llamacpp: sample inside the compute graph on the GPU (llama.cpp's experimental backend sampling) instead of on the server's CPU thread, slot by slot.
         engine_restarts: llamacpp: how many times in a row llama-server may fail (exit while loading, or die within a minute of starting) and be restarted before the server exits non-zero, leaving it to a restart policy.
         engine_backoff: llamacpp: seconds before restarting a dead llama-server, doubled after each failure in a row (at most 60).
+        engine_args: llamacpp: more llama-server flags, appended to the ones gptoss serve sets (later ones win), e.g. --engine-args="--flash-attn on --ubatch-size 1024" (with "=": the value starts with --).
         model_name: the model id clients pass (default: the model file or folder name).
         api_key: keys clients must send as `Authorization: Bearer KEY`, comma-separated (default: $GPTOSS_API_KEY, comma-separated; neither: no authentication). /health stays open.
         metrics_public: serve /metrics without a key (for a Prometheus scraper on a trusted network).
@@ -246,7 +275,7 @@ def serve(
 
     config = resolve_config(backend=backend, model=model, adapter=adapter, quant=quant, device=device, ctx=ctx,
                             parallel=parallel, threads=threads, dtype=dtype, sample_on_device=sample_on_device,
-                            engine_restarts=engine_restarts, engine_backoff=engine_backoff)
+                            engine_restarts=engine_restarts, engine_backoff=engine_backoff, engine_args=engine_args)
     if queue is not None and (not isinstance(queue, int) or isinstance(queue, bool) or queue < 0):
         raise ServeError(f"--queue must be a non-negative integer, got {queue!r}")
     if not isinstance(port, int) or not 0 <= port <= 65535:

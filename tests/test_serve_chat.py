@@ -227,3 +227,78 @@ def test_sample_on_device_takes_compose_words(tmp_path):
     assert _config(tmp_path, model=str(gguf), sample_on_device="False").sample_on_device is False
     with pytest.raises(ServeError, match="is a switch"):
         _config(tmp_path, model=str(gguf), sample_on_device="yes please")
+
+
+@pytest.mark.parametrize("group", [2, 3, 7, 1000])
+def test_one_event_per_engine_read_carries_the_same_answer(group):
+    """Tokens that arrive together are fed together and their deltas merged (serving.chat.merge_deltas):
+    fewer events, and a client that joins them (chat completions or Responses) gets the same answer."""
+    from gptoss.serving.chat import merge_deltas
+    from gptoss.serving.responses import OutputItems
+
+    answer = {"role": "assistant", "reasoning_content": "Two cities, then a word.", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
+    ]}
+    tokens = completion_tokens(QUESTION, answer, TOOLS)
+    single, single_deltas, _ = run(tokens)
+    out = ChatOutput()
+    merged = []
+    for i in range(0, len(tokens), group):
+        merged += merge_deltas([d for t in tokens[i:i + group] for d in out.feed(t)])
+    assert len(merged) < len(single_deltas)
+
+    def joined(deltas):
+        reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
+        assert reasoning == "".join(d.get("reasoning", "") for d in deltas)
+        calls: dict = {}
+        for d in deltas:
+            for c in d.get("tool_calls", []):
+                call = calls.setdefault(c["index"], {"name": c.get("function", {}).get("name"), "arguments": "", "ids": []})
+                call["ids"] += [c["id"]] if "id" in c else []
+                call["arguments"] += c["function"].get("arguments", "")
+        return reasoning, "".join(d.get("content", "") for d in deltas), calls
+
+    ids = lambda calls: [c.pop("ids") for c in calls.values()]  # noqa: E731 (random per ChatOutput)
+    merged_answer, single_answer = joined(merged), joined(single_deltas)
+    assert ids(merged_answer[2]) == [[c["id"]] for c in out.tool_calls] and len(ids(single_answer[2])) == 2
+    assert merged_answer == single_answer
+    items_one, items_merged = OutputItems(), OutputItems()
+    for d in single_deltas:
+        items_one.feed(d)
+    for d in merged:
+        items_merged.feed(d)
+    strip = lambda items: [{k: v for k, v in i.items() if k not in ("id", "call_id")} for i in items]  # noqa: E731 (random ids)
+    assert strip(items_merged.items) == strip(items_one.items)
+
+
+def test_engine_lines_come_per_read():
+    import asyncio
+
+    from gptoss.serving.llamacpp_backend import sse_line_batches
+
+    reads = [b'data: {"tokens": [1]}\n\ndata: {"tok', b'ens": [2]}\n\n', b'data: {"tokens": [3]}\n\ndata: {"tokens": [4]}\n\n']
+
+    async def chunks():
+        for r in reads:
+            yield r
+
+    async def collect():
+        return [batch async for batch in sse_line_batches(chunks())]
+
+    batches = [[line for line in b if line] for b in asyncio.run(collect())]
+    assert batches == [['data: {"tokens": [1]}'], ['data: {"tokens": [2]}'], ['data: {"tokens": [3]}', 'data: {"tokens": [4]}']]
+
+
+def test_engine_args_go_after_ours_and_ours_are_refused(tmp_path):
+    from gptoss.serving.llamacpp_backend import server_command
+
+    gguf = tmp_path / "a.gguf"
+    gguf.write_bytes(b"GGUF")
+    config = _config(tmp_path, model=str(gguf), engine_args="--flash-attn on --kv-unified")
+    cmd = server_command(config, tmp_path / "llama-server", 1234)
+    assert cmd[-3:] == ["--flash-attn", "on", "--kv-unified"] and "--no-kv-unified" in cmd[:-3]
+    with pytest.raises(ServeError, match="--port: set by gptoss serve itself"):
+        _config(tmp_path, model=str(gguf), engine_args="--port 9")
+    with pytest.raises(ServeError, match="for the llamacpp backend"):
+        _config(tmp_path, backend="transformers", model=str(tmp_path), engine_args="--flash-attn on")
