@@ -187,3 +187,22 @@ def test_train_takes_the_gpus_listed_in_train_gpus_and_runs_one_process_per_gpu(
 
     assert distributed.plan("all", device="cuda", visible_gpus=1)[0].launcher == "plain"
     assert distributed.plan("all", device="cuda", visible_gpus=2)[0].processes == 2
+
+
+def test_each_two_gpu_profile_starts_only_its_services(tmp_path):
+    """With the override, `--profile serve-replicas` is export + the replicas + serve-lb (serve-llamacpp, whose
+    definition they extend, stays out) and `--profile serve-vllm` is export + serve-vllm."""
+    override = tmp_path / "compose.replicas.yaml"
+    run = subprocess.run([sys.executable, str(REPO / "docker" / "replicas.py"), str(override)], capture_output=True, text=True,
+                         env={"PATH": os.environ["PATH"], "SERVE_GPUS": "0,1"})
+    assert run.returncode == 0, run.stderr
+    compose_config()
+
+    def services(profile: str) -> set[str]:
+        proc = subprocess.run(["docker", "compose", "-f", str(REPO / "compose.yaml"), "-f", str(override), "--profile", profile,
+                               "config", "--services"], cwd=REPO, capture_output=True, text=True, env={"PATH": "/usr/local/bin:/usr/bin:/bin"})
+        assert proc.returncode == 0, proc.stderr
+        return set(proc.stdout.split())
+
+    assert services("serve-replicas") == {"export", "serve-replica-0", "serve-replica-1", "serve-lb"}
+    assert services("serve-vllm") == {"export", "serve-vllm"}
