@@ -26,6 +26,7 @@ from gptoss.serving.backends import Backend, BackendConfig, BackendError, Genera
 log = logging.getLogger("gptoss.serve.transformers")
 
 ENGINE_CHECK_S = 5.0  # a request that hears nothing this long checks the batching engine is alive
+SUPERVISE_POLL_S = 1.0  # how often supervise() looks at the batching loop
 
 
 class _TokenQueue:
@@ -103,6 +104,22 @@ class TransformersBackend(Backend):
             return
         log.info("transformers backend (%s): continuous batching, %s attention, up to %d requests per step",
                  self.engine, self.batcher.attention, self.parallel)
+
+    async def supervise(self) -> None:
+        """Continuous batching: a generation loop that died (an error inside a step stops it) starts again."""
+        from gptoss.serving.transformers_batching import ContinuousBatcher
+
+        while self.batcher is not None:
+            await asyncio.sleep(SUPERVISE_POLL_S)
+            dead = self.batcher
+            if dead.alive():
+                continue
+            error = dead.manager.background_thread_status.fatal_error
+            log.error("the continuous-batching loop stopped (%r); starting a new one", error)
+            self.unavailable = f"the batching engine stopped ({error!r}); it is being restarted"
+            await asyncio.to_thread(dead.stop)
+            self.batcher = await asyncio.to_thread(ContinuousBatcher, self.model, parallel=self.parallel, ctx=self.n_ctx)
+            self.unavailable = None
 
     def _thread_path(self, why: str) -> None:
         self.batching_note = why
@@ -203,7 +220,7 @@ class TransformersBackend(Backend):
                         raise BackendError("the continuous-batching engine stopped") from None
                     continue
                 if out.error is not None:
-                    raise BackendError(f"generation failed: {out.error}")
+                    raise BackendError(out.error)
                 finished = out.is_finished()
                 new = out.generated_tokens[len(produced):]
                 if new:

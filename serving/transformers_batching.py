@@ -99,11 +99,13 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessorList):
         sorted_scores, order = torch.sort(scaled, dim=-1, descending=True)
         probs = sorted_scores.softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs
-        probs = probs * (before < top_p.unsqueeze(-1))  # top_p: the smallest head whose mass reaches top_p
+        keep = before < top_p.unsqueeze(-1)  # top_p: the smallest head whose mass reaches top_p
+        keep[:, 0] = True  # the most likely token always stays (a top_p that rounds to 0 in float32)
+        probs = probs * keep
         cdf = probs.cumsum(dim=-1)
         target = (uniform * cdf[:, -1]).unsqueeze(-1)
-        index = (cdf <= target).sum(dim=-1, keepdim=True).clamp(max=scores.size(-1) - 1)
-        index = torch.minimum(index, (probs > 0).sum(dim=-1, keepdim=True) - 1)  # never past the kept head
+        index = (cdf <= target).sum(dim=-1, keepdim=True)
+        index = torch.minimum(index, keep.sum(dim=-1, keepdim=True) - 1)  # never past the kept head
         chosen = order.gather(-1, index)
         picked = torch.full_like(scores, float("-inf")).scatter(-1, chosen, 0.0)
         return torch.where(greedy.unsqueeze(-1), scores, picked)

@@ -110,6 +110,14 @@ def test_max_tokens_and_stop_ids_are_per_request(backend, reference):
     assert c == ref[:first + 1] and rc == "stop"
 
 
+def test_a_top_p_that_rounds_to_zero_keeps_the_most_likely_token(backend, reference):
+    """top_p 1e-300 is 0 in float32: only the head token stays, so sampling at temperature 2 gives greedy tokens."""
+    params = SamplingParams(max_tokens=6, temperature=2.0, top_p=1e-300, seed=1, stop_token_ids=STOPS)
+    (tokens, _), = _run_together(backend, [(PROMPTS[0], params)])
+    assert tokens == reference(PROMPTS[0], 6)
+    assert backend.alive()
+
+
 def test_a_closed_request_leaves_the_engine(backend):
     async def main():
         gen = backend.generate(PROMPTS[1], SamplingParams(max_tokens=1000, temperature=0.0, stop_token_ids=STOPS))
