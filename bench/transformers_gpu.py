@@ -11,8 +11,13 @@ when $OUT is set, else to --out.
 Needs: torch (with CUDA for --device cuda:N), transformers with continuous batching
 (ContinuousBatchingConfig; written against 5.24, the GPU image has 5.17: carry a 5.24 wheel), and
 gptoss's serving packages (fastapi, uvicorn, httpx, prometheus-client, openai-harmony, fire, pydantic).
-The GPU machine has no network: carry the wheels (bench/serve_gpu.sh prepare fills bench/carry/wheels;
-add transformers==5.24.0) and GPTOSS_O200K_GZ. Checked first, with what is missing said plainly.
+The GPU machine (python 3.12, torch 2.11+cu130, transformers 5.17) has no network: carry py3.12 wheels
+of transformers==5.24.0 fastapi starlette uvicorn opentelemetry-api openai-harmony fire termcolor
+pydantic pydantic-core annotated-types annotated-doc typing-inspection (pip download --no-deps
+--only-binary=:all: --python-version 3.12 ... -d .whl), install them with
+`pip install --no-index --no-deps --target /tmp/site .whl/*.whl`, and run with
+PYTHONPATH=/tmp/site:$PWD GPTOSS_O200K_GZ=<o200k_base.tiktoken.gz> HF_HUB_OFFLINE=1.
+Checked first, with what is missing said plainly (exit 2).
 
   python bench/transformers_gpu.py --model /tmp/tiny --device cpu --streams 1,2 --max-tokens 16   # CPU smoke
   python bench/transformers_gpu.py --model .cache/geometry-20b-8 --device cuda:0                  # the H200 figure

@@ -250,7 +250,7 @@ def serve(
         host: address to listen on (0.0.0.0 in containers).
         port: port to listen on.
         ctx: context per request in tokens (prompt + completion); longer prompts get a 400.
-        parallel: requests generating at once (llama.cpp slots with continuous batching; transformers threads).
+        parallel: requests generating at once (llama.cpp slots; transformers: one continuous batch, threads where it cannot run).
         queue: admitted requests that may wait for a slot (default 2 x parallel); beyond that 429 + Retry-After.
         threads: CPU threads for the engine (default: the engine's choice).
         dtype: transformers weights dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32.
