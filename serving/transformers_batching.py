@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import logging
 import random
+import threading
 import uuid
 from collections import Counter
 
@@ -53,6 +54,7 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessorList):
         self.do_processing = True
         self.requests: dict[str, _Sampling] = {}
         self.batch_sizes: Counter[int] = Counter()  # requests given a token in one step -> steps
+        self.stats_lock = threading.Lock()  # batch_sizes grows in the generation thread, /info reads it
         # Set on the host before each step; read by __call__ of that step. Valid because the manager runs
         # without CUDA graphs and without async batching here (paged|eager needs a mask: both default off).
         self._any_sampled = False
@@ -74,17 +76,18 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessorList):
 
     def prepare_tensor_args(self, requests_in_batch, arg_storage: torch.Tensor) -> torch.Tensor:
         rows = [r for r in requests_in_batch if r.has_new_token]
-        t, p, u = [], [], []
+        columns = []  # (temperature, top_p, uniform) per row
         for r in rows:
             s = self.requests.get(r.state.request_id)
             if s is None or s.temperature <= 0:  # greedy (or a warm-up state)
-                t.append(0.0), p.append(1.0), u.append(0.0)
+                columns.append((0.0, 1.0, 0.0))
             else:
-                t.append(s.temperature), p.append(s.top_p), u.append(float(torch.rand((), generator=s.rng)))
-        self._any_sampled = any(x > 0 for x in t)
+                columns.append((s.temperature, s.top_p, float(torch.rand((), generator=s.rng))))
+        self._any_sampled = any(c[0] > 0 for c in columns)
         if rows:
-            self.batch_sizes[len(rows)] += 1
-            values = torch.tensor([t, p, u], dtype=torch.float32).view(torch.int32)
+            with self.stats_lock:
+                self.batch_sizes[len(rows)] += 1
+            values = torch.tensor(columns, dtype=torch.float32).T.contiguous().view(torch.int32)
             arg_storage[:3, : len(rows)] = values.to(arg_storage.device)
         return arg_storage
 
@@ -167,7 +170,8 @@ class ContinuousBatcher:
     def stats(self) -> dict:
         processor = self.manager.batch_processor
         scheduler = getattr(processor, "scheduler", None)
-        sizes = dict(self.sampler.batch_sizes)
+        with self.sampler.stats_lock:
+            sizes = dict(self.sampler.batch_sizes)
         return {"mode": "continuous", "attention": self.attention, "max_requests_per_batch": self.parallel,
                 "active": len(scheduler.active_requests) + len(scheduler.waiting_requests) if scheduler else 0,
                 "steps": sum(sizes.values()), "max_batch": max(sizes, default=0),
