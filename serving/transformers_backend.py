@@ -21,7 +21,8 @@ from pathlib import Path
 
 import anyio
 
-from gptoss.serving.backends import Backend, BackendConfig, BackendError, Generated, SamplingParams, ServeError, register_backend
+from gptoss.serving.backends import (Backend, BackendConfig, BackendError, EngineDown, Generated, SamplingParams, ServeError,
+                                     register_backend)
 
 log = logging.getLogger("gptoss.serve.transformers")
 
@@ -85,6 +86,7 @@ class TransformersBackend(Backend):
         if not hasattr(self.model, "init_continuous_batching"):
             self._thread_path("this transformers has no continuous batching (init_continuous_batching)")
             return
+        attention = self.model.config._attn_implementation  # the manager switches it to paged|eager
         try:
             from gptoss.serving.transformers_batching import ContinuousBatcher
 
@@ -98,8 +100,10 @@ class TransformersBackend(Backend):
                 raise BackendError("the probe request generated no token")
         except Exception as e:  # ImportError (an older transformers) or a forward that rejects paged attention
             if self.batcher is not None:
-                await asyncio.to_thread(self.batcher.stop)
+                await asyncio.to_thread(self.batcher.stop)  # also gives the model its attention back
                 self.batcher = None
+            if self.model.config._attn_implementation != attention:
+                self.model.set_attn_implementation(attention)
             self._thread_path(f"continuous batching failed its probe: {type(e).__name__}: {e}")
             return
         log.info("transformers backend (%s): continuous batching, %s attention, up to %d requests per step",
@@ -207,8 +211,11 @@ class TransformersBackend(Backend):
 
         batcher = self.batcher
         stops = set(params.stop_token_ids)
-        request_id, outputs = batcher.submit(prompt, max_tokens=params.max_tokens, stop_token_ids=sorted(stops),
-                                             temperature=params.temperature, top_p=params.top_p, seed=params.seed)
+        try:
+            request_id, outputs = batcher.submit(prompt, max_tokens=params.max_tokens, stop_token_ids=sorted(stops),
+                                                 temperature=params.temperature, top_p=params.top_p, seed=params.seed)
+        except RuntimeError as e:  # the manager is stopping (supervise() is replacing it)
+            raise EngineDown(str(e)) from e
         produced: list[int] = []
         finished = False
         try:
@@ -217,7 +224,7 @@ class TransformersBackend(Backend):
                     out = await asyncio.wait_for(outputs.get(), ENGINE_CHECK_S)
                 except asyncio.TimeoutError:  # nothing for a while: is the engine still there?
                     if not batcher.alive():
-                        raise BackendError("the continuous-batching engine stopped") from None
+                        raise EngineDown("the continuous-batching engine stopped; it is being restarted") from None
                     continue
                 if out.error is not None:
                     raise BackendError(out.error)
