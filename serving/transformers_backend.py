@@ -295,7 +295,7 @@ class TransformersBackend(Backend):
                 yield Generated(tokens=item)
             reason = "stop" if produced and produced[-1] in stops else "length"
             yield Generated(tokens=[], done=True, reason=reason,
-                            prompt_text=harmony.encoding().decode_utf8(input_ids[0].tolist()), n_generated=len(produced))
+                            prompt_text=harmony.encoding().decode(input_ids[0].tolist()), n_generated=len(produced))
         finally:
             cancelled.set()  # client gone or done: stop the generation thread at its next step
             with anyio.CancelScope(shield=True):  # hold the slot until the thread has really stopped

@@ -137,6 +137,18 @@ def test_a_closed_request_leaves_the_engine(backend):
     assert len(tokens) == 4 and reason == "length"
 
 
+def test_the_thread_path_serves_after_batching_is_given_up(backend, reference):
+    """What a failed start probe leads to: the manager stopped, the model's attention given back, one
+    generate thread per request. (Runs last on the module's backend: it ends its batching.)"""
+    asyncio.run(asyncio.to_thread(backend.batcher.stop))
+    backend.batcher = None
+    backend._thread_path("given up by the test")
+    assert backend.model.config._attn_implementation == "eager"
+    assert backend.info()["batching"] == {"mode": "thread", "reason": "given up by the test"}
+    (tokens, reason), = _run_together(backend, [(PROMPTS[2], SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=STOPS))])
+    assert tokens == reference(PROMPTS[2], 8) and reason == "length"
+
+
 # ------------------------------------------------------------------------------------------------
 # Through the API: admission, streaming and disconnects with a batching engine
 
