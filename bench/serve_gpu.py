@@ -46,7 +46,7 @@ def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def build_models(work: Path, fixture: str, layers: int, cuda: bool, convert_type: str = "f16",
-                 drop_fixture: bool = False, fixture_format: str = "bf16") -> dict[str, Path]:
+                 drop_fixture: bool = False, fixture_format: str = "bf16", quantize: bool = True) -> dict[str, Path]:
     """Fixture -> converted GGUF (F16, or Q8_0 where F16 + safetensors would not fit the disk) -> Q4_K_M.
 
     fixture_format mxfp4: OpenAI's release layout written directly (experts MXFP4, minutes even at 24
@@ -66,6 +66,8 @@ def build_models(work: Path, fixture: str, layers: int, cuda: bool, convert_type
         os.replace(tmp, converted)
     if drop_fixture and fixture_dir.is_dir():
         shutil.rmtree(fixture_dir)
+    if not quantize:
+        return {first_type: converted}
     if not q4.is_file():
         tmp = q4.with_suffix(".partial")
         requant = ["--allow-requantize"] if first_type != "F16" else []
@@ -146,7 +148,6 @@ SWEEP = {
     "fa+unified": {"flags": ["--flash-attn", "on", *UNIFIED]},
     "fa+unified+ub1024": {"flags": ["--flash-attn", "on", *UNIFIED, "--batch-size", "4096", "--ubatch-size", "1024"]},
     "fa+unified+8slots": {"flags": ["--flash-attn", "on", *UNIFIED], "parallel": 8},
-    "fa+unified+ctx8k": {"flags": ["--flash-attn", "on", *UNIFIED], "ctx": 8192},
 }
 
 
@@ -240,7 +241,12 @@ def sweep_one(gguf: Path, name: str, cfg: dict, n_gen: int, device: str, streams
 
 def run_sweep(gguf: Path, args) -> dict:
     report: dict = {"file": gguf.name, "configs": {}}
+    partial = Path(os.environ.get("OUT") or args.work, f"sweep-{gguf.stem}.partial.json")
+    if partial.is_file():  # a sweep cut short by the command limit: keep what it measured
+        report["configs"] = {k: v for k, v in json.loads(partial.read_text())["configs"].items() if "error" not in v}
     for name, cfg in SWEEP.items():
+        if name in report["configs"]:
+            continue
         try:
             report["configs"][name] = sweep_one(gguf, name, cfg, args.max_tokens, args.device)
         except Exception as e:  # keep the others
@@ -428,6 +434,7 @@ def main() -> None:
     p.add_argument("--convert-type", default="f16", choices=["f16", "q8_0"],
                    help="q8_0 for deep fixtures: safetensors + F16 GGUF would not fit a 64 GB disk")
     p.add_argument("--drop-fixture", action="store_true", help="delete the fixture checkpoint once converted")
+    p.add_argument("--no-q4", action="store_true", help="stop at the converted GGUF (no Q4_K_M step)")
     p.add_argument("--fixture-format", default="bf16", choices=["bf16", "mxfp4"],
                    help="mxfp4: write the release layout directly (fast at depth); use with --convert-type q8_0")
     p.add_argument("--ctx", type=int, default=2048)
@@ -437,7 +444,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     models = build_models(work, args.fixture, args.layers, args.device != "cpu", args.convert_type, args.drop_fixture,
-                          args.fixture_format)
+                          args.fixture_format, not args.no_q4)
     if args.stage == "models":
         print(json.dumps({k: str(v) for k, v in models.items()}))
         return

@@ -55,6 +55,9 @@ prepare)
     done
     python3 -m pip download -q --only-binary=:all: --no-deps --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
         --python-version 3.12 --implementation cp -d "$CARRY/wheels" py-spy
+    # The transformers backend's continuous batching is written against this machine's transformers (the GPU image's is older).
+    python3 -m pip download -q --only-binary=:all: --no-deps -d "$CARRY/wheels" \
+        "transformers==$(python3 -c 'import transformers; print(transformers.__version__)')"
     du -sh "$CARRY"
     ;;
 prepare-cmake)

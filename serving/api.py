@@ -641,7 +641,8 @@ def create_app(backend: Backend, *, model_id: str | None = None, queue: int | No
 
     async def load() -> None:
         try:
-            await backend.start()
+            # The Harmony vocabulary (~0.5 s to load) beside the engine's start, not in the first request's way.
+            await asyncio.gather(asyncio.to_thread(harmony.special_tokens), backend.start())
             admission.limit_running = backend.parallel
             admission._sem = asyncio.Semaphore(backend.parallel)
             await backend.supervise()  # llamacpp: restarts a dead engine; raises when it gives up
